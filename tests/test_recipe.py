@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from cot_distill.prompts import PromptTemplateError, load_template
+from cot_distill.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+MINIMAL = """\
+teacher:
+  model: t
+data:
+  prompts: data/demo/prompts.jsonl
+generate:
+  concurrency: 4
+"""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    load_template(recipe.generate.prompt_template)
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert "demo-cpu.yaml" in names and "r1-distill-generate-gpu.yaml" in names
+
+
+def test_gpu_recipe_is_shaped_like_r1_generation():
+    recipe = load_recipe(REPO / "recipes" / "r1-distill-generate-gpu.yaml")
+    sampling = recipe.generate.sampling
+    assert (sampling.temperature, sampling.top_p, recipe.generate.samples_per_prompt) == (0.6, 0.95, 4)
+    assert 16384 <= sampling.max_tokens <= 32768
+
+
+def test_unknown_key_names_path_and_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "  concurency: 8\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert f"{path}:7: generate.concurency" in message and "Extra inputs" in message
+
+
+def test_wrong_type_names_path_and_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL.replace("concurrency: 4", "concurrency: many"))
+    with pytest.raises(RecipeError, match=rf"{path}:6: generate.concurrency: Input should be a valid integer"):
+        load_recipe(path)
+
+
+def test_nested_unknown_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "  sampling:\n    temprature: 0.5\n")
+    with pytest.raises(RecipeError, match=r":8: generate.sampling.temprature"):
+        load_recipe(path)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL)
+    recipe = load_recipe(path, ["generate.concurrency=64", "generate.sampling.stop=[a, b]",
+                                "teacher.base_urls=[http://x:1/v1]"])
+    assert recipe.generate.concurrency == 64
+    assert recipe.generate.sampling.stop == ["a", "b"]
+    assert recipe.teacher.base_urls == ["http://x:1/v1"]
+
+
+def test_bad_override_is_attributed_to_set(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL)
+    with pytest.raises(RecipeError, match=r"--set: generate.samples_per_prompt"):
+        load_recipe(path, ["generate.samples_per_prompt=0"])
+    with pytest.raises(RecipeError, match="expected dotted.path=value"):
+        load_recipe(path, ["generate.concurrency"])
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("teacher: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_prompt_templates_render_and_hash():
+    nosys = load_template("r1-math-nosys")
+    messages = nosys.render("What is 2+2?")
+    assert messages == [{"role": "user", "content": "What is 2+2?\nPlease reason step by step, and put your "
+                                                    "final answer within \\boxed{}."}]
+    sys_variant = load_template("r1-math")
+    assert [m["role"] for m in sys_variant.render("x")] == ["system", "user"]
+    assert nosys.hash != sys_variant.hash and len(nosys.hash) == 16
+
+
+def test_unknown_template_lists_available():
+    with pytest.raises(PromptTemplateError, match="r1-math-nosys"):
+        load_template("no-such-template")
