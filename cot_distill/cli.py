@@ -26,6 +26,7 @@ def _fail(message: str) -> None:
 def _run_stage(stage: Callable[[], object]) -> object:
     """Run a stage, turning the errors a user can fix into one clear message and exit code 2."""
     from cot_distill.data import RecordError
+    from cot_distill.eval_config import EvalError
     from cot_distill.generate import GenerateError
     from cot_distill.prompts import PromptTemplateError
     from cot_distill.recipe import RecipeError
@@ -33,7 +34,8 @@ def _run_stage(stage: Callable[[], object]) -> object:
 
     try:
         return stage()
-    except (RecipeError, RecordError, PromptTemplateError, GenerateError, ServerError, FileNotFoundError) as exc:
+    except (RecipeError, RecordError, PromptTemplateError, GenerateError, ServerError, EvalError,
+            FileNotFoundError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished samples are saved; rerun the same command to resume", err=True)
@@ -63,6 +65,51 @@ def generate(
     stats = _run_stage(lambda: run_generate(loaded))
     typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "
                f"truncated {stats['truncated_total']} -> {loaded.generate.output_dir}")
+
+
+@app.command(name="eval")
+def eval_(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML: its eval section; its teacher (or eval.model) is the model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local model folder (or smollm2-135m): served by a local vLLM server."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="A running OpenAI-compatible server, e.g. http://host:8000/v1."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name at --endpoint (default: the only one served)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the endpoint's key."),
+    benchmarks: Optional[str] = typer.Option(None, "--benchmarks", help="gsm8k,math500,aime24 and/or name=path.jsonl."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="K samples per problem (pass@1 = mean over K)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Generated tokens per sample (default 32768)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
+    source: Optional[str] = typer.Option(None, "--source", help="offline (pinned wheels, default) or hub."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Default: eval.output_dir (runs/eval)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Evaluate a model on GSM8K / MATH-500 / AIME 2024: pass@k, maj@K, truncation, tokens, latency, memory.
+
+    Resumable like generate (the same ledger). Writes results.json, per-sample graded.jsonl, results.md and
+    manifest.json last. Example: cot-distill eval --model runs/demo/train/final --benchmarks gsm8k --samples 4
+    """
+    from cot_distill.compare import results_table
+    from cot_distill.evaluate import prepare_eval, run_eval
+
+    settings, target = _run_stage(lambda: prepare_eval(
+        recipe, model=model, endpoint=endpoint, served_name=served_name, api_key_env=api_key_env,
+        overrides=set_ or [], benchmarks=benchmarks, samples=samples, max_tokens=max_tokens, limit=limit,
+        source=source, output_dir=output_dir))
+    results = _run_stage(lambda: run_eval(settings, target))
+    typer.echo(results_table(results))
+    typer.echo(f"-> {settings.output_dir}/results.json")
+
+
+@app.command()
+def compare(
+    folders: list[Path] = typer.Argument(..., help="Eval output folders; the first is the reference unless --reference."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The teacher's eval folder (retention = x / it)."),
+    output_dir: Path = typer.Option(Path("runs/compare"), "--output-dir"),
+) -> None:
+    """Compare eval folders: accuracy, retention, tokens, latency, throughput, memory, size (report.md, report.png)."""
+    from cot_distill.compare import run_compare
+
+    report = _run_stage(lambda: run_compare(folders, output_dir, reference))
+    typer.echo(report["markdown"])
 
 
 @app.command()

@@ -192,9 +192,10 @@ def read_api_key(recipe: Recipe) -> str | None:
     return value
 
 
-def run_generate(recipe: Recipe) -> dict[str, Any]:
+def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
     """The generate stage, linear: load and validate prompts -> resume ledger -> run backend -> stats -> manifest.
 
+    `server`: a LocalVLLMServer the caller launched and owns (eval does); its death stops the run at once.
     Returns the stats dict. Raises GenerateError when requests remain failed (rerun to retry them)."""
     out_dir = Path(recipe.generate.output_dir)
     requests, template_hash, prompt_count = build_requests(recipe)  # validates all input before any request
@@ -209,7 +210,7 @@ def run_generate(recipe: Recipe) -> dict[str, Any]:
 
     with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures:
         if pending:
-            run_backend(recipe, pending, template_hash, samples, failures, progress)
+            run_backend(recipe, pending, template_hash, samples, failures, progress, server)
     progress.maybe_report(force=True)
 
     finished = done_keys(samples_path)
@@ -254,7 +255,7 @@ def truncation_totals(samples_path: Path, job_keys: set[str]) -> dict[str, Any]:
 
 
 def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str, samples: JsonlWriter,
-                failures: JsonlWriter, progress: Progress) -> None:
+                failures: JsonlWriter, progress: Progress, server=None) -> None:
     if recipe.teacher.backend == "vllm":
         from cot_distill.teachers.vllm_engine import run_in_process
 
@@ -262,8 +263,9 @@ def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str
         return
     from cot_distill.teachers.serve import maybe_launch
 
-    with maybe_launch(recipe) as (base_urls, server):
-        asyncio.run(_run_openai(recipe, base_urls, pending, template_hash, samples, failures, progress, server))
+    with maybe_launch(recipe) as (base_urls, launched):
+        asyncio.run(_run_openai(recipe, base_urls, pending, template_hash, samples, failures, progress,
+                                launched or server))
 
 
 async def _run_openai(recipe: Recipe, base_urls: list[str], pending: list[SampleRequest], template_hash: str,

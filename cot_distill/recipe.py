@@ -13,6 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cot_distill.curate_config import CurateSection
+from cot_distill.eval_config import EvalSection
+from cot_distill.train_config import TrainSection
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -84,9 +88,9 @@ class Recipe(Strict):
     teacher: TeacherSection
     data: DataSection
     generate: GenerateSection = GenerateSection()
-    curate: dict[str, Any] = {}
-    train: dict[str, Any] = {}
-    eval: dict[str, Any] = {}
+    curate: CurateSection = CurateSection()
+    train: TrainSection | None = None  # absent: the recipe has no train stage
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "Recipe":

@@ -51,6 +51,7 @@ def run_in_process(recipe, pending, template_hash, samples, failures, progress) 
     check_cpu_sampling(recipe)
     engine_kwargs = {"dtype": "bfloat16", **recipe.teacher.engine_kwargs}
     llm = LLM(model=resolve_model_path(recipe.teacher.model), **engine_kwargs)
+    progress.restart_clock()  # tok/s measures generation, not model loading
     chat_kwargs = {k: v for k, v in (recipe.generate.sampling.extra_body or {}).items() if k in CHAT_KWARGS}
     chunk_size = max(recipe.generate.concurrency, 1)
     for start in range(0, len(pending), chunk_size):

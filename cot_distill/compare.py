@@ -1,0 +1,293 @@
+"""Reports over eval results: the table printed after `eval`, a model's footprint, and `compare` of eval folders.
+
+compare answers "how much of the teacher did the student keep, at what cost": accuracy and retention (student
+pass@1 / reference pass@1), tokens per answer, latency, throughput, memory, parameters and size on disk, as
+report.md, report.png (pass@k curves; accuracy vs tokens) and comparison.json; manifest.json last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import struct
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from cot_distill.eval_config import EvalError
+from cot_distill.records import invalidate_manifest, read_json, read_manifest, utc_now, write_json_atomic, \
+    write_manifest
+
+MISSING = "—"
+
+
+def _number(value: float | int | None, digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
+    return MISSING if value is None else f"{value * scale:,.{digits}f}{suffix}"
+
+
+def _percent(value: float | None) -> str:
+    return _number(value, 1, 100, "%")
+
+
+def _bytes(value: int | None) -> str:
+    return MISSING if value is None else f"{value / 2**30:,.2f} GiB"
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return MISSING
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:,.2f}{unit}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def best_pass_at_k(metrics: dict[str, Any]) -> tuple[str, float]:
+    k = max(metrics["pass_at_k"], key=int)
+    return k, metrics["pass_at_k"][k]
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """One eval's results: a row per benchmark, then MATH-500-style breakdowns."""
+    header = ["benchmark", "problems", "K", "pass@1", "pass@K", "maj@K", "truncated", "tokens/answer",
+              "latency p50 / p95 (s)", "tok/s"]
+    rows = []
+    for name, metrics in results["benchmarks"].items():
+        k, best = best_pass_at_k(metrics)
+        latency = metrics["latency_s"]
+        rows.append([name, str(metrics["problems"]), str(metrics["samples_per_problem"]),
+                     _percent(metrics["pass_at_1"]), f"{_percent(best)} (k={k})", _percent(metrics["maj_at_k"]),
+                     _percent(metrics["truncation_rate"]), _number(metrics["mean_completion_tokens"], 0),
+                     f"{_number(latency['p50'], 2)} / {_number(latency['p95'], 2)}",
+                     _number(metrics.get("throughput_tokens_per_s"), 0)])
+    parts = [f"model: {results['model']['name']}", "", markdown_table(header, rows)]
+    for name, metrics in results["benchmarks"].items():
+        for key in sorted(key for key in metrics if key.startswith("by_")):
+            breakdown = [[value, str(cell["problems"]), _percent(cell["pass_at_1"])]
+                         for value, cell in metrics[key].items()]
+            parts += ["", f"{name} {key.replace('_', ' ')}:", "",
+                      markdown_table([key[3:], "problems", "pass@1"], breakdown)]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ model footprint
+# Measured by eval, reported here: the cost side of a comparison.
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Parameters stored in the folder's safetensors files, read from their headers (no weights loaded).
+    Tied embeddings are stored once, so they count once."""
+    total = 0
+    files = sorted(model_dir.glob("*.safetensors"))
+    for path in files:
+        with open(path, "rb") as handle:
+            header_size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(header_size))
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return total if files else None
+
+
+def describe_local_model(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        return {"path": str(model_dir), "parameters": None, "size_on_disk_bytes": None}
+    size = sum(path.stat().st_size for path in model_dir.rglob("*") if path.is_file())
+    return {"path": str(model_dir), "parameters": count_parameters(model_dir), "size_on_disk_bytes": size}
+
+
+class PeakMemory:
+    """Watches a process tree (the server we launched) and keeps the peak of its summed RSS, plus the peak GPU
+    memory in use on the machine above what was in use before, where nvidia-smi exists. RSS counts shared pages
+    once per process, so it is an upper bound; vLLM preallocates its KV cache, so GPU memory shows that budget
+    (gpu_memory_utilization), not what the model strictly needs."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_rss_bytes = 0
+        self.peak_gpu_bytes: int | None = None
+        self._gpu_baseline = self._gpu_used_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        rss = 0
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                rss += process.memory_info().rss
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        used = self._gpu_used_bytes()
+        if used is not None and self._gpu_baseline is not None:
+            self.peak_gpu_bytes = max(self.peak_gpu_bytes or 0, used - self._gpu_baseline)
+
+    @staticmethod
+    def _gpu_used_bytes() -> int | None:
+        if shutil.which("nvidia-smi") is None:
+            return None
+        result = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        return sum(int(line) for line in result.stdout.split() if line.strip().isdigit()) * 2**20
+
+    def report(self) -> dict[str, Any]:
+        return {"available": True, "rss_bytes": self.peak_rss_bytes, "gpu_bytes": self.peak_gpu_bytes,
+                "scope": "the launched vLLM server's process tree (RSS); GPU: machine-wide use above the baseline"}
+
+
+# ------------------------------------------------------------------------------------------------- compare
+
+def load_results(folder: Path) -> dict[str, Any]:
+    if not (folder / "results.json").is_file():
+        raise EvalError(f"{folder}: no results.json; is it an eval output folder?")
+    if read_manifest(folder) is None:
+        raise EvalError(f"{folder}: no manifest.json, so the eval did not finish; rerun it before comparing")
+    return read_json(folder / "results.json")
+
+
+def labels_for(folders: list[Path]) -> list[str]:
+    """Folder names, or parent/name where two folders share a name."""
+    names = [folder.name for folder in folders]
+    return [f"{folder.parent.name}/{folder.name}" if names.count(folder.name) > 1 else folder.name
+            for folder in folders]
+
+
+def retention(student: float | None, reference: float | None) -> float | None:
+    """Student accuracy as a share of the reference's, in %; undefined when the reference scored 0."""
+    if student is None or not reference:
+        return None
+    return round(100 * student / reference, 1)
+
+
+def comparison_rows(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per (benchmark, model), in benchmark order of first appearance, then folder order."""
+    benchmarks = list(dict.fromkeys(name for results in runs.values() for name in results["benchmarks"]))
+    rows = []
+    for benchmark in benchmarks:
+        reference_metrics = runs[reference]["benchmarks"].get(benchmark)
+        reference_pass = reference_metrics["pass_at_1"] if reference_metrics else None
+        for label, results in runs.items():
+            metrics = results["benchmarks"].get(benchmark)
+            if metrics is None:
+                continue
+            model = results["model"]
+            memory = model.get("peak_memory") or {}
+            rows.append({
+                "benchmark": benchmark, "model": label, "is_reference": label == reference,
+                "pass_at_1": metrics["pass_at_1"], "pass_at_k": metrics["pass_at_k"], "maj_at_k": metrics["maj_at_k"],
+                "samples_per_problem": metrics["samples_per_problem"],
+                "retention_percent": retention(metrics["pass_at_1"], reference_pass),
+                "mean_completion_tokens": metrics["mean_completion_tokens"],
+                "latency_p50_s": metrics["latency_s"]["p50"], "latency_p95_s": metrics["latency_s"]["p95"],
+                "throughput_tokens_per_s": metrics.get("throughput_tokens_per_s"),
+                "peak_rss_bytes": memory.get("rss_bytes"), "peak_gpu_bytes": memory.get("gpu_bytes"),
+                "parameters": model.get("parameters"), "size_on_disk_bytes": model.get("size_on_disk_bytes"),
+            })
+    return rows
+
+
+def comparison_markdown(rows: list[dict[str, Any]], reference: str) -> str:
+    header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "latency p50 / p95 (s)",
+              "tok/s", "peak memory (RSS / GPU)", "parameters", "size on disk"]
+    table = [[row["benchmark"], row["model"] + (" (reference)" if row["is_reference"] else ""),
+              _percent(row["pass_at_1"]), _percent(row["maj_at_k"]), _number(row["retention_percent"], 1, 1, "%"),
+              _number(row["mean_completion_tokens"], 0),
+              f"{_number(row['latency_p50_s'], 2)} / {_number(row['latency_p95_s'], 2)}",
+              _number(row["throughput_tokens_per_s"], 0),
+              f"{_bytes(row['peak_rss_bytes'])} / {_bytes(row['peak_gpu_bytes'])}",
+              _count(row["parameters"]), _bytes(row["size_on_disk_bytes"])] for row in rows]
+    note = (f"Retention = pass@1 / pass@1 of the reference ({reference}). Peak memory is measured only for models "
+            f"eval served itself ({MISSING}: a remote endpoint).")
+    return "\n".join(["# Comparison", "", markdown_table(header, table), "", note])
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: pass@k against k per model and benchmark. Right: pass@1 against tokens per answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    figure, (curves, scatter) = plt.subplots(1, 2, figsize=(13, 5))
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    benchmarks = list(dict.fromkeys(row["benchmark"] for row in rows))
+    # one colour per model, one marker per benchmark: a model's curves read as one family
+    colours = {model: f"C{index % 10}" for index, model in enumerate(models)}
+    markers = {benchmark: "osD^vP*X"[index % 8] for index, benchmark in enumerate(benchmarks)}
+    all_ks = sorted({int(k) for row in rows for k in row["pass_at_k"]})
+    for row in rows:
+        label = f"{row['model']} · {row['benchmark']}"
+        style = {"color": colours[row["model"]], "marker": markers[row["benchmark"]]}
+        ks = sorted(row["pass_at_k"], key=int)
+        curves.plot([int(k) for k in ks], [100 * row["pass_at_k"][k] for k in ks], label=label, **style)
+        point = (row["mean_completion_tokens"], 100 * row["pass_at_1"])
+        scatter.scatter(*point, **style)
+        scatter.annotate(label, point, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    curves.set(xlabel="k (samples)", ylabel="pass@k (%)", title="pass@k")
+    curves.set_xscale("log", base=2)
+    curves.set_xticks(all_ks, [str(k) for k in all_ks])
+    curves.minorticks_off()
+    curves.legend(fontsize=8)
+    scatter.set(xlabel="mean completion tokens per answer", ylabel="pass@1 (%)", title="accuracy vs tokens")
+    for axis in (curves, scatter):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_compare(result_dirs: list[str | Path], out_dir: str | Path,
+                reference: str | Path | None = None) -> dict[str, Any]:
+    """Compare eval folders. The reference (the teacher) is `reference` or the first folder; a reference that is
+    not among result_dirs is added in front. Writes report.md, report.png, comparison.json, manifest.json."""
+    folders = [Path(folder) for folder in result_dirs]
+    if reference is not None and Path(reference).resolve() not in [folder.resolve() for folder in folders]:
+        folders.insert(0, Path(reference))
+    if not folders:
+        raise EvalError("compare needs at least one eval folder")
+    reference_folder = Path(reference) if reference is not None else folders[0]
+    labels = labels_for(folders)
+    runs = {label: load_results(folder) for label, folder in zip(labels, folders)}
+    reference_label = labels[[folder.resolve() for folder in folders].index(reference_folder.resolve())]
+    rows = comparison_rows(runs, reference_label)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_manifest(out_dir)
+    markdown = comparison_markdown(rows, reference_label)
+    (out_dir / "report.md").write_text(markdown + "\n", encoding="utf-8")
+    plot_comparison(rows, out_dir / "report.png")
+    comparison = {"created_at": utc_now(), "reference": reference_label,
+                  "folders": {label: str(folder) for label, folder in zip(labels, folders)}, "rows": rows}
+    write_json_atomic(out_dir / "comparison.json", comparison)
+    write_manifest(out_dir, stage="compare", recipe={"folders": comparison["folders"], "reference": reference_label},
+                   counts={"models": len(runs), "rows": len(rows)},
+                   files=["report.md", "report.png", "comparison.json"])
+    return {**comparison, "markdown": markdown}
