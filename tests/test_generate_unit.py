@@ -109,3 +109,16 @@ def test_pool_routes_to_fewest_outstanding_and_ejects_failing_endpoints():
             pool.release(endpoint, failed=False)
 
     asyncio.run(scenario())
+
+
+def test_parquet_prompts_with_field_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"uid": ["a", "b"], "question": ["q1", "q2"], "gold": ["1", None]}), path)
+    section = DataSection(prompts=str(path), fields={"id": "uid", "problem": "question", "answer": "gold"})
+    with pytest.raises(RecordError, match=r"p.parquet: row 1: missing field 'gold'"):
+        load_prompts(section)
+    section.limit = 1
+    assert [(p.id, p.problem, p.answer) for p in load_prompts(section)] == [("a", "q1", "1")]
