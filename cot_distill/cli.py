@@ -25,8 +25,10 @@ def _fail(message: str) -> None:
 
 def _run_stage(stage: Callable[[], object]) -> object:
     """Run a stage, turning the errors a user can fix into one clear message and exit code 2."""
+    from cot_distill.curate import CurateError
     from cot_distill.data import RecordError
     from cot_distill.eval_config import EvalError
+    from cot_distill.pipeline import PipelineError
     from cot_distill.generate import GenerateError
     from cot_distill.prompts import PromptTemplateError
     from cot_distill.recipe import RecipeError
@@ -35,7 +37,7 @@ def _run_stage(stage: Callable[[], object]) -> object:
     try:
         return stage()
     except (RecipeError, RecordError, PromptTemplateError, GenerateError, ServerError, EvalError,
-            FileNotFoundError) as exc:
+            PipelineError, CurateError, FileNotFoundError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished samples are saved; rerun the same command to resume", err=True)
@@ -65,6 +67,68 @@ def generate(
     stats = _run_stage(lambda: run_generate(loaded))
     typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "
                f"truncated {stats['truncated_total']} -> {loaded.generate.output_dir}")
+
+
+@app.command()
+def curate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (data, generate.output_dir and curate sections)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Turn the teacher's samples into the training set: complete, not looping, within length, verified
+    correct, deduplicated (exact + MinHash), decontaminated against GSM8K/MATH-500/AIME24, selected per prompt.
+
+    Writes CURATE.OUTPUT_DIR/dataset (HF save_to_disk), train.jsonl, README.md (dataset card), report.json,
+    a length histogram PNG, and manifest.json last; prints the per-filter table.
+    """
+    from cot_distill.curate import run_curate
+
+    loaded = _load(recipe, set_)
+    report = _run_stage(lambda: run_curate(loaded))
+    typer.echo(f"done: {report['output']['rows']:,} rows from {report['output']['prompts']:,} prompts "
+               f"({report['input']['lines']:,} samples in) -> {loaded.curate.output_dir}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with a train section."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    merge: bool = typer.Option(False, "--merge", help="With LoRA: also write a merged full model (servable by vLLM)."),
+) -> None:
+    """Fine-tune the student with TRL's SFTTrainer (LoRA or full) on the curated dataset.
+
+    Runs unchanged under `accelerate launch --config_file recipes/accelerate/ddp.yaml -m cot_distill.cli train R`.
+    Resumes from the last checkpoint in train.output_dir. train.dataset defaults to the curate stage's dataset.
+    """
+    from cot_distill.curate import DATASET_DIR
+    from cot_distill.recipe import recipe_snapshot
+    from cot_distill.train import run_train
+
+    loaded = _load(recipe, set_)
+    if loaded.train is None:
+        _fail(f"{recipe} has no train section")
+    cfg = loaded.train
+    if cfg.dataset is None:
+        cfg = cfg.model_copy(update={"dataset": str(Path(loaded.curate.output_dir) / DATASET_DIR)})
+    if merge:
+        cfg = cfg.model_copy(update={"merge": True})
+    output = _run_stage(lambda: run_train(cfg, recipe_snapshot(loaded)))
+    typer.echo(f"-> {output}")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: every section present is run."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma list, e.g. curate,train (default: all)."),
+) -> None:
+    """All stages from one recipe: generate -> curate -> train -> eval (teacher and student) -> compare.
+
+    Finished stages are reused (same inputs, manifest present); a rerun after a crash continues where it stopped.
+    """
+    from cot_distill.pipeline import run_pipeline
+
+    chosen = [stage.strip() for stage in stages.split(",")] if stages else None
+    _run_stage(lambda: run_pipeline(recipe, set_ or [], chosen))
 
 
 @app.command(name="eval")
