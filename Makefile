@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/cot-distill generate recipes/demo-cpu.yaml
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --stages generate,curate
 
 test: setup
 	$(VENV)/bin/pytest -q -rs tests

@@ -27,11 +27,13 @@ def log(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
 
 
-def manifest_files(folder: str | Path) -> dict[str, Any]:
+def output_hash(folder: str | Path, name: str) -> str:
+    """The sha256 a stage's manifest recorded for one output file: what the next stage's inputs are.
+    (Not the whole manifest: stats and reports carry timings that change on every run.)"""
     manifest = read_manifest(folder)
     if manifest is None:
         raise PipelineError(f"{folder} has no manifest.json: the stage that writes it did not finish")
-    return manifest.get("files", {})
+    return manifest.get("files", {}).get(name, "")
 
 
 def reuse_or_run(name: str, out_dir: str | Path, fingerprint: str, stage: Callable[[], Any]) -> bool:
@@ -67,20 +69,20 @@ def run_curate_stage(recipe: Recipe) -> None:
     from cot_distill.curate import run_curate
 
     fingerprint = stable_hash([recipe.curate.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
-                               recipe.generate.prompt_template, manifest_files(recipe.generate.output_dir)])
+                               recipe.generate.prompt_template, output_hash(recipe.generate.output_dir, "samples.jsonl")])
     reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: run_curate(recipe))
 
 
 def run_train_stage(recipe: Recipe) -> None:
-    from cot_distill.curate import DATASET_DIR
+    from cot_distill.curate import DATASET_DIR, TRAIN_FILE
     from cot_distill.train import run_train
 
     train = recipe.train
     if train.dataset is None:
         train = train.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
         recipe = recipe.model_copy(update={"train": train})
-    inputs = manifest_files(recipe.curate.output_dir) if train.dataset.startswith(recipe.curate.output_dir) else \
-        train.dataset
+    from_curate = Path(train.dataset).resolve().is_relative_to(Path(recipe.curate.output_dir).resolve())
+    inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else train.dataset
     fingerprint = stable_hash([train.model_dump(mode="json"), inputs])
     reuse_or_run("train", train.output_dir, fingerprint, lambda: run_train(train, recipe_snapshot(recipe)))
 
