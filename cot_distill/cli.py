@@ -149,7 +149,7 @@ def eval_(
     """Evaluate a model on GSM8K / MATH-500 / AIME 2024: pass@k, maj@K, truncation, tokens, latency, memory.
 
     Resumable like generate (the same ledger). Writes results.json, per-sample graded.jsonl, results.md and
-    manifest.json last. Example: cot-distill eval --model runs/demo/train/final --benchmarks gsm8k --samples 4
+    manifest.json last. Example: cot-distill eval --model runs/demo/train --benchmarks gsm8k --samples 4
     """
     from cot_distill.compare import results_table
     from cot_distill.evaluate import prepare_eval, run_eval

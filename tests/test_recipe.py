@@ -26,11 +26,11 @@ def test_every_recipe_validates(path):
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert "demo-cpu.yaml" in names and "r1-distill-generate-gpu.yaml" in names
+    assert "demo-cpu.yaml" in names and "r1-distill-gpu.yaml" in names
 
 
 def test_gpu_recipe_is_shaped_like_r1_generation():
-    recipe = load_recipe(REPO / "recipes" / "r1-distill-generate-gpu.yaml")
+    recipe = load_recipe(REPO / "recipes" / "r1-distill-gpu.yaml")
     sampling = recipe.generate.sampling
     assert (sampling.temperature, sampling.top_p, recipe.generate.samples_per_prompt) == (0.6, 0.95, 4)
     assert 16384 <= sampling.max_tokens <= 32768

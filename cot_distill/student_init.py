@@ -1,0 +1,117 @@
+"""Build a smaller student from a teacher's own layers (DistilBERT-style initialization).
+
+The student is the teacher's architecture with fewer decoder layers: it gets the teacher's embeddings, the chosen
+decoder layers (in order), the final norm and the LM head, copied weight for weight. Starting from the teacher's
+weights instead of random ones keeps the student's hidden states in the space the norm and head were trained on.
+
+Works for any decoder whose weights live under `...layers.<i>.` (Llama, Qwen2, Qwen3, Mistral, ...): the copy is a
+state-dict renumbering, and `load_state_dict(strict=True)` proves every student weight came from the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+_LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
+# Per-layer config lists (sliding/full attention per layer) that must shrink with the layer count.
+_PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+
+def resolve_kept_layers(num_layers: int, keep_layers: list[int] | None = None, every: int | None = None) -> list[int]:
+    """The teacher layers to copy. `every=k` keeps 0, k, 2k, ... and always the last layer, whose output is what
+    the final norm and LM head were trained to read."""
+    if (keep_layers is None) == (every is None):
+        raise ValueError("give exactly one of keep_layers or every")
+    if every is not None:
+        kept = list(range(0, num_layers, every))
+        if kept[-1] != num_layers - 1:
+            kept.append(num_layers - 1)
+        return kept
+    out_of_range = [index for index in keep_layers if not 0 <= index < num_layers]
+    if out_of_range:
+        raise ValueError(f"keep_layers {out_of_range} out of range: the teacher has {num_layers} layers")
+    if len(set(keep_layers)) != len(keep_layers):
+        raise ValueError(f"keep_layers has duplicates: {keep_layers}")
+    return list(keep_layers)
+
+
+def student_config(teacher_config, kept: list[int]):
+    """The teacher's config with only the kept layers."""
+    config = copy.deepcopy(teacher_config)
+    text_config = config.get_text_config()
+    for name in _PER_LAYER_CONFIG_LISTS:
+        values = getattr(text_config, name, None)
+        if isinstance(values, list) and len(values) == text_config.num_hidden_layers:
+            setattr(text_config, name, [values[index] for index in kept])
+    text_config.num_hidden_layers = len(kept)
+    if getattr(text_config, "max_window_layers", None) is not None:
+        # Qwen2: layers below max_window_layers use full attention; keep the same fraction of them.
+        text_config.max_window_layers = sum(1 for index in kept if index < teacher_config.max_window_layers)
+    return config
+
+
+def renumber_layers(teacher_state: dict, kept: list[int]) -> dict:
+    """Teacher state dict -> student state dict: layer kept[j] becomes layer j; dropped layers disappear."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    student_state = {}
+    for key, tensor in teacher_state.items():
+        match = _LAYER_KEY.search(key)
+        if match is None:  # embeddings, final norm, LM head, rotary buffers
+            student_state[key] = tensor
+            continue
+        old = int(match.group(2))
+        if old in new_index:
+            renamed = f"{match.group(1)}layers.{new_index[old]}."
+            student_state[key[: match.start()] + renamed + key[match.end():]] = tensor
+    return student_state
+
+
+def build_student_from_teacher(teacher, kept: list[int]):
+    """A new model of the teacher's class holding the kept layers' weights (copies, not views)."""
+    import torch
+
+    config = student_config(teacher.config, kept)
+    with _skip_random_init():  # every weight is overwritten below; random init of a multi-B model takes minutes
+        student = type(teacher)(config).to(teacher.dtype)
+    state = {key: tensor.detach().clone() for key, tensor in renumber_layers(teacher.state_dict(), kept).items()}
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # Tied LM heads may be absent from the state dict on one side; anything else missing means a weight was not
+    # copied from the teacher, which must never pass silently.
+    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"layer copy mismatch: missing={sorted(set(missing) - tied)} unexpected={unexpected}")
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    with torch.no_grad():
+        student.tie_weights()
+    return student
+
+
+def _skip_random_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for the random init
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_layers: list[int] | None = None,
+                              every: int | None = None) -> Path:
+    """Load the teacher, build the layer-subset student and save it (weights, config, generation_config and the
+    teacher's tokenizer when it has one) to output_dir. Returns output_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir = Path(output_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
+    kept = resolve_kept_layers(teacher.config.get_text_config().num_hidden_layers, keep_layers, every)
+    student = build_student_from_teacher(teacher, kept)
+    student.config.student_init = {"teacher": str(teacher_path), "kept_layers": kept}
+    student.save_pretrained(output_dir)
+    try:
+        AutoTokenizer.from_pretrained(teacher_path).save_pretrained(output_dir)
+    except (OSError, ValueError):
+        pass  # a teacher without a tokenizer: the student is still usable with one supplied later
+    return output_dir

@@ -1,0 +1,105 @@
+"""The `train` section of a recipe: which student, which data, and how to run TRL's SFT on it.
+
+Only pydantic here (no torch/transformers/trl imports), so the recipe can be validated in milliseconds. TRL's own
+options are not re-declared: `sft` is passed verbatim to `trl.SFTConfig(**sft)`, which rejects unknown keys itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# SFTConfig keys this tool decides itself; accepting them in `sft` would silently do the wrong thing.
+_RESERVED_SFT_KEYS = {
+    "output_dir": "set `train.output_dir` instead",
+    "assistant_only_loss": "the loss mask is built by cot_distill (see `train.assistant_mask`), always assistant-only",
+    "completion_only_loss": "the loss mask is built by cot_distill (see `train.assistant_mask`), always assistant-only",
+    "dataset_text_field": "the dataset is tokenized from its `messages` column by cot_distill",
+    "chat_template_path": "set `train.chat_template` instead",
+}
+
+
+class InitFrom(BaseModel):
+    """Build the student from a teacher's own layers (DistilBERT-style) instead of loading one."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str  # local path or hub id of the teacher (Llama / Qwen2 / Qwen3 family, or any same-shaped decoder)
+    keep_layers: list[int] | None = None  # teacher layer indices to copy, in order
+    every: int | None = Field(default=None, ge=1)  # keep layers 0, every, 2*every, ... plus the last one
+
+    @model_validator(mode="after")
+    def _exactly_one_selector(self) -> "InitFrom":
+        if (self.keep_layers is None) == (self.every is None):
+            raise ValueError("init_from needs exactly one of `keep_layers` or `every`")
+        if self.keep_layers is not None:
+            if not self.keep_layers:
+                raise ValueError("init_from.keep_layers must not be empty")
+            if any(index < 0 for index in self.keep_layers) or len(set(self.keep_layers)) != len(self.keep_layers):
+                raise ValueError("init_from.keep_layers must be distinct non-negative layer indices")
+        return self
+
+
+class LoraSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # "all-linear": every linear layer except the LM head (TRL refuses an adapter on lm_head: it would not train).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    student: str | None = None  # local path or hub id
+    init_from: InitFrom | None = None
+    dataset: str | None = None  # save_to_disk folder, or a .jsonl/.json/.parquet file with a `messages` column
+    output_dir: str
+    method: Literal["sft"] = "sft"
+    sft: dict[str, Any] = {}  # verbatim trl.SFTConfig(**sft)
+    lora: LoraSection | None = None  # absent: full fine-tune
+    merge: bool = False  # with lora: also write a merged full model to OUTPUT_DIR/merged
+    # How reasoning reaches the chat template: "think_tags" folds a `reasoning_content` key into the content as
+    # <think>...</think>; "reasoning_content" moves <think> blocks out of the content into that key, for templates
+    # (Qwen3-style) that render it in their own convention.
+    reasoning_format: Literal["think_tags", "reasoning_content"] = "think_tags"
+    # Which tokens carry loss. "final_turn": the tokens the model must generate after the template's generation
+    # prompt for the last message, ending with the stop token; works with any template. "generation_markers": every
+    # assistant turn, from the template's {% generation %} blocks; a template without them is an error.
+    assistant_mask: Literal["final_turn", "generation_markers"] = "final_turn"
+    chat_template: str | None = None  # path to a .jinja file that replaces the student's template
+    overlong: Literal["drop", "truncate"] = "drop"  # rows longer than sft.max_length: truncating loses the stop token
+    max_examples: int | None = Field(default=None, ge=1)  # first N rows only (smoke runs)
+    # Autocast matmuls to bf16 on CPU while the weights and optimizer stay float32 (faster on CPUs with AVX512-BF16
+    # or AMX). Ignored when `sft` sets bf16/fp16 explicitly, and off the CPU.
+    bf16_autocast_on_cpu: bool = True
+    # On CPU, keep freed memory in glibc's heap instead of returning it to the OS and page-faulting it back every
+    # step (about half of a CPU step's LM head time; see train.tune_cpu_allocator). Process-wide; glibc only.
+    tune_cpu_allocator: bool = True
+    model_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the student is loaded in (master weights)
+    # dtype of the saved full model; "auto": the student checkpoint's own (a bf16 student stays bf16 for vLLM).
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' default
+    # "compact": LM head only on the tokens that carry loss, then a plain fp32 cross-entropy (fastest on CPU).
+    # "fused": TRL's chunked log-prob kernel (never materializes logits; for long sequences on GPU).
+    # "auto": compact on CPU, fused elsewhere.
+    loss_head: Literal["auto", "compact", "fused"] = "auto"
+    token_metrics: bool = False  # TRL's per-step entropy / token-accuracy logging (costs a pass over the vocabulary)
+    resume: bool = True  # continue from the newest OUTPUT_DIR/checkpoint-* if there is one
+
+    @model_validator(mode="after")
+    def _one_student_source(self) -> "TrainSection":
+        if (self.student is None) == (self.init_from is None):
+            raise ValueError("train needs exactly one of `student` or `init_from`")
+        if self.merge and self.lora is None:
+            raise ValueError("train.merge only applies to LoRA runs (set `train.lora`)")
+        return self
+
+    @field_validator("sft")
+    @classmethod
+    def _no_reserved_keys(cls, sft: dict[str, Any]) -> dict[str, Any]:
+        for key, reason in _RESERVED_SFT_KEYS.items():
+            if key in sft:
+                raise ValueError(f"train.sft.{key} is not accepted: {reason}")
+        return sft

@@ -1,0 +1,104 @@
+"""TrainSection validation, the GPU recipe and the accelerate configs (no training here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cot_distill.train_config import TrainSection
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+GPU_RECIPE = REPO / "recipes" / "r1-distill-gpu.yaml"
+
+
+def test_minimal_section_and_defaults():
+    cfg = TrainSection(student="some/model", dataset="data.jsonl", output_dir="out")
+    assert cfg.method == "sft" and cfg.lora is None and cfg.merge is False
+    assert cfg.reasoning_format == "think_tags" and cfg.bf16_autocast_on_cpu is True
+    assert cfg.assistant_mask == "final_turn" and cfg.resume is True
+
+
+@pytest.mark.parametrize("bad", [
+    {"student": "m", "output_dir": "o", "learning_rate": 1e-5},            # unknown top-level key
+    {"student": "m", "output_dir": "o", "lora": {"r": 8, "rank": 8}},      # unknown lora key
+    {"output_dir": "o"},                                                    # no student source
+    {"student": "m", "init_from": {"model": "t", "every": 2}, "output_dir": "o"},  # two student sources
+    {"init_from": {"model": "t"}, "output_dir": "o"},                       # neither keep_layers nor every
+    {"init_from": {"model": "t", "every": 2, "keep_layers": [0]}, "output_dir": "o"},
+    {"init_from": {"model": "t", "keep_layers": [0, 0]}, "output_dir": "o"},
+    {"student": "m", "output_dir": "o", "merge": True},                     # merge without lora
+    {"student": "m", "output_dir": "o", "method": "dpo"},
+    {"student": "m", "output_dir": "o", "sft": {"output_dir": "elsewhere"}},
+    {"student": "m", "output_dir": "o", "sft": {"assistant_only_loss": True}},
+])
+def test_invalid_sections_fail(bad):
+    with pytest.raises(ValidationError):
+        TrainSection.model_validate(bad)
+
+
+def test_unknown_sft_key_fails_when_building_the_trl_config():
+    from cot_distill.train import build_sft_config
+
+    cfg = TrainSection(student="m", output_dir="o", sft={"learning_rat": 1e-5})
+    with pytest.raises(TypeError, match="learning_rat"):
+        build_sft_config(cfg)
+
+
+def test_cpu_defaults_are_applied_only_when_unset(tmp_path):
+    from cot_distill.train import build_sft_config
+
+    defaults = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path)))
+    assert defaults.bf16 is True and defaults.use_cpu is True and defaults.gradient_checkpointing is False
+    assert defaults.padding_free is False and defaults.max_length == 1024
+    flat = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path), sft={"padding_free": True}))
+    assert flat.padding_free is True and flat.max_length is None  # max_length is enforced by our tokenization
+    explicit = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path),
+                                             sft={"bf16": False, "gradient_checkpointing": True}))
+    assert explicit.bf16 is False and explicit.gradient_checkpointing is True
+    off = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path), bf16_autocast_on_cpu=False))
+    assert off.bf16 is False
+    packed = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path), sft={"packing": True}))
+    assert packed.max_length == 1024  # packing keeps TRL's bins of max_length
+
+
+def test_gpu_recipe_validates_and_builds_an_sft_config():
+    from cot_distill.train import build_sft_config
+
+    cfg = TrainSection.model_validate(yaml.safe_load(GPU_RECIPE.read_text())["train"])
+    assert cfg.sft["learning_rate"] == 4e-5 and cfg.sft["num_train_epochs"] == 5
+    assert cfg.sft["max_length"] == 32768 and cfg.sft["lr_scheduler_type"] == "cosine_with_min_lr"
+    args = build_sft_config(cfg)  # on this CPU machine run_train adds use_cpu=True; nothing else is altered
+    assert args.learning_rate == 4e-5 and args.num_train_epochs == 5
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.bf16 is True and args.gradient_checkpointing is True and args.padding_free is True
+    assert args.max_length is None  # padding-free: max_length is enforced by our tokenization (overlong: drop)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_loads_with_accelerates_own_loader(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))  # raises on unknown top-level keys
+    assert isinstance(config, ClusterConfig)
+    # Nested deepspeed/fsdp keys are copied onto `accelerate launch` arguments; an unknown one would be ignored.
+    known = {action.dest for action in launch_command_parser()._actions}
+    nested = {**(config.deepspeed_config or {}), **(config.fsdp_config or {})}
+    assert set(nested) <= known, set(nested) - known
+
+
+def test_accelerate_configs_cover_ddp_zero2_zero3_fsdp():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in ACCELERATE_CONFIGS:
+        config = load_config_from_file(str(path))
+        kind = config.distributed_type.value
+        if kind == "DEEPSPEED":
+            kind += str(config.deepspeed_config["zero_stage"])
+        kinds[kind] = path.name
+    assert {"MULTI_GPU", "DEEPSPEED2", "DEEPSPEED3", "FSDP"} <= set(kinds), kinds

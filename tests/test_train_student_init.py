@@ -1,0 +1,83 @@
+"""DistilBERT-style student initialization: the teacher's embeddings, chosen layers, final norm and head."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_support import make_tiny_student  # noqa: E402
+
+from cot_distill.student_init import (  # noqa: E402
+    build_student_from_teacher, init_student_from_teacher, resolve_kept_layers,
+)
+
+
+def run_teacher_layers_by_hand(teacher, input_ids, kept):
+    """embed -> the kept teacher layers in order -> final norm -> head, written out without the student."""
+    inner = teacher.model
+    hidden = inner.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
+    position_embeddings = inner.rotary_emb(hidden, positions)
+    for index in kept:
+        # attention_mask=None: SDPA applies the causal mask itself (no padding here)
+        out = inner.layers[index](hidden, attention_mask=None, position_embeddings=position_embeddings,
+                                  position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return teacher.lm_head(inner.norm(hidden))
+
+
+def test_resolve_kept_layers():
+    assert resolve_kept_layers(8, every=2) == [0, 2, 4, 6, 7]  # the last layer always stays
+    assert resolve_kept_layers(9, every=2) == [0, 2, 4, 6, 8]
+    assert resolve_kept_layers(4, keep_layers=[0, 3]) == [0, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_kept_layers(4, keep_layers=[0, 4])
+    with pytest.raises(ValueError):
+        resolve_kept_layers(4, keep_layers=[1], every=2)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)])
+def test_student_equals_the_teachers_chosen_layers(tmp_path, family, tied):
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir = make_tiny_student(tmp_path / "teacher", family=family, layers=5, seed=1, tied=tied)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    kept = [0, 2, 4]
+    student = build_student_from_teacher(teacher, kept).eval()
+
+    assert student.config.num_hidden_layers == 3 and type(student) is type(teacher)
+    per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    n_params = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert n_params(student) == n_params(teacher) - 2 * per_layer
+    for name, tensor in student.state_dict().items():
+        assert tensor.shape == teacher.state_dict()[name].shape, name
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    if tied:  # still one matrix in the student
+        assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    # copies, not views: training the student must not move the teacher
+    assert student.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()
+
+    input_ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = run_teacher_layers_by_hand(teacher, input_ids, kept)
+        assert torch.allclose(student(input_ids).logits, expected, atol=1e-5)
+        # and the check can fail: other layers give other logits
+        assert not torch.allclose(run_teacher_layers_by_hand(teacher, input_ids, [0, 1, 4]), expected, atol=1e-3)
+
+
+def test_init_student_from_teacher_saves_a_loadable_student(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir = make_tiny_student(tmp_path / "teacher", family="qwen3", layers=4)
+    out = init_student_from_teacher(str(teacher_dir), tmp_path / "student", every=2)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 3  # layers 0, 2 and the last (3)
+    assert student.config.student_init["kept_layers"] == [0, 2, 3]
+    assert len(student.config.layer_types) == 3
+    assert (out / "generation_config.json").exists()
+    assert AutoTokenizer.from_pretrained(out).chat_template is not None
