@@ -213,8 +213,9 @@ def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
             run_backend(recipe, pending, template_hash, samples, failures, progress, server)
     progress.maybe_report(force=True)
 
-    finished = done_keys(samples_path)
-    missing = sum(request.key not in finished for request in requests)
+    job_keys = {request.key for request in requests}
+    finished, totals = summarize_ledger(samples_path, job_keys)
+    missing = len(job_keys - finished)
     stats = {
         "prompts": prompt_count,
         "samples_expected": len(requests),
@@ -230,7 +231,7 @@ def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
         "completion_tokens_per_s": round(progress.tokens_per_s(), 1),
         "template_hash": template_hash,
     }
-    stats.update(truncation_totals(samples_path, {request.key for request in requests}))
+    stats.update(totals)
     write_json_atomic(out_dir / STATS_FILE, stats)
     if missing:
         raise GenerateError(f"{missing} of {len(requests)} samples failed after retries (see "
@@ -240,18 +241,22 @@ def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
     return stats
 
 
-def truncation_totals(samples_path: Path, job_keys: set[str]) -> dict[str, Any]:
-    """Totals over this job's samples from all runs: truncation must be visible, not only this run's share.
-    (The ledger may also hold samples of an earlier parameter set, which are not this job's.)"""
+def summarize_ledger(samples_path: Path, job_keys: set[str]) -> tuple[set[str], dict[str, Any]]:
+    """One pass over the ledger: which of this job's keys have a sample, and totals over this job's samples
+    from all runs (truncation must be visible, not only this run's share). The ledger may also hold samples of
+    an earlier parameter set, which are not this job's."""
+    finished: set[str] = set()
     total = truncated = tokens = 0
     for _, obj in iter_jsonl(samples_path):
         if obj.get("request_key") not in job_keys:
             continue
+        finished.add(obj["request_key"])
         total += 1
         truncated += obj.get("finish_reason") == "length"
         tokens += (obj.get("usage") or {}).get("completion_tokens", 0)
-    return {"truncated_total": truncated, "truncated_fraction": round(truncated / max(total, 1), 4),
-            "mean_completion_tokens": round(tokens / max(total, 1), 1)}
+    totals = {"truncated_total": truncated, "truncated_fraction": round(truncated / max(total, 1), 4),
+              "mean_completion_tokens": round(tokens / max(total, 1), 1)}
+    return finished, totals
 
 
 def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str, samples: JsonlWriter,
