@@ -1,4 +1,5 @@
-"""Train a student on curated chain-of-thought conversations with TRL's SFTTrainer.
+"""Train a student on curated chain-of-thought conversations with TRL's SFTTrainer (method: sft), or distill a
+teacher's next-token distributions into it on the same tokens (method: kd, see cot_distill/kd.py).
 
 run_train(cfg, recipe_snapshot) is the one entry: resolve -> write the resolved config -> load the student ->
 tokenize with an explicit assistant mask -> train (continuing from the newest checkpoint) -> save model, tokenizer,
@@ -28,9 +29,10 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.trainer.utils import add_fused_lm_head
 
+from .kd import DistillationSums, chunked_distillation_sums, weighted_distillation_loss
 from .records import MANIFEST, invalidate_manifest, iter_jsonl, read_json, write_json_atomic, write_manifest
 from .reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
-from .train_config import TrainSection
+from .train_config import KDSection, TrainSection
 
 logger = logging.getLogger(__name__)
 
@@ -265,17 +267,22 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 def add_compact_lm_head(model) -> None:
     """Patch model.forward: `model(..., compact_labels=labels)` returns (summed NLL, number of scored tokens), with
     the LM head applied only to the positions whose next token carries loss, gathered across the batch (prompt and
-    padding positions never reach the vocabulary projection), then one fp32 cross-entropy. Without compact_labels
-    the forward is unchanged. Patch the base model (under any PEFT wrapper): DDP and PEFT call into it."""
+    padding positions never reach the vocabulary projection), then one fp32 cross-entropy. With `distill` too,
+    returns distill(hidden states at those positions, their targets, the LM head) instead (knowledge distillation:
+    the head must run inside this forward, where DDP, ZeRO-3 and FSDP expect its weights to be used). Without
+    compact_labels the forward is unchanged. Patch the base model (under any PEFT wrapper): DDP and PEFT call into
+    it."""
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, compact_labels=None, **kwargs):
+    def forward(self, *args, compact_labels=None, distill=None, **kwargs):
         if compact_labels is None:
             return original_forward(*args, **kwargs)
         hidden = self.base_model(*args, use_cache=False, **kwargs).last_hidden_state
         targets = compact_labels[:, 1:]  # position t predicts token t + 1
         scored = targets != IGNORE
+        if distill is not None:
+            return distill(hidden[:, :-1][scored], targets[scored], self.get_output_embeddings())
         logits = self.get_output_embeddings()(hidden[:, :-1][scored])
         return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), scored.sum()
 
@@ -289,14 +296,23 @@ class DistillSFTTrainer(SFTTrainer):
     loss here is the same token-mean NLL, computed by
       - loss_head "compact": add_compact_lm_head (cheapest on CPU; materializes logits for the scored tokens);
       - loss_head "fused": TRL's chunked kernel restricted to log-probs (never materializes logits: long GPU runs).
-    token_metrics=True keeps TRL's compute_loss and its metrics exactly as they are."""
+    token_metrics=True keeps TRL's compute_loss and its metrics exactly as they are.
 
-    def __init__(self, *args, loss_head: str = "compact", token_metrics: bool = False, **kwargs):
+    With a `teacher` (method: kd) the loss is cot_distill.kd's alpha * CE + beta * tau^2 * KL on the same tokens,
+    always on the compact head, chunk by chunk; the unweighted parts are logged as `ce_loss` (token-mean NLL, the
+    number an sft run logs as `loss`) and `kl_loss` (token-mean KL at temperature tau), the total as `loss`."""
+
+    def __init__(self, *args, loss_head: str = "compact", token_metrics: bool = False, teacher=None,
+                 kd: KDSection | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_metrics = token_metrics
         text_config = self.model.config.get_text_config()
         scales_logits = any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS)
         self.loss_head = "fused" if scales_logits else loss_head  # TRL's kernel applies those transforms
+        self.teacher, self.kd = None, kd
+        if teacher is not None:
+            self._check_distillation_supported(teacher)
+            self.loss_head, self.teacher = "compact", self._place_teacher(teacher)
         if token_metrics:
             return
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -307,6 +323,30 @@ class DistillSFTTrainer(SFTTrainer):
         else:
             add_compact_lm_head(base)
 
+    def _check_distillation_supported(self, teacher) -> None:
+        if self.kd is None:
+            raise ValueError("a teacher needs its kd settings (DistillSFTTrainer(..., kd=KDSection(...)))")
+        if self._uses_trl_loss():
+            raise ValueError("method: kd replaces TRL's loss, so it cannot honour token_metrics, sft.loss_type other "
+                             "than nll, label smoothing, a compute_loss_func, sequence parallelism or a MoE router "
+                             "aux loss")
+        for name, model in (("student", self.model), ("teacher", teacher)):
+            text_config = model.config.get_text_config()
+            transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
+            if transforms:  # the chunked head projects hidden states itself and would skip them
+                raise ValueError(f"method: kd does not support a {name} whose config scales its logits ({transforms})")
+
+    def _place_teacher(self, teacher):
+        """Frozen, in eval mode, on the student's device; never seen by the optimizer or DDP. Under DeepSpeed it is
+        initialized for inference the way TRL's GKDTrainer does it (ZeRO-3: sharded like the student)."""
+        teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            self._teacher_engine = prepare_deepspeed(teacher, self.accelerator)  # keeps ZeRO-3's hooks alive
+            return self._teacher_engine.module
+        return teacher.to(self.accelerator.device)
+
     def _uses_trl_loss(self) -> bool:
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         return bool(
@@ -316,6 +356,8 @@ class DistillSFTTrainer(SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is not None:
+            return self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs or self._uses_trl_loss():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.loss_head == "fused":
@@ -331,6 +373,42 @@ class DistillSFTTrainer(SFTTrainer):
         if self.model.training:
             self._count_tokens(inputs)
         return loss
+
+    def _distillation_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        distill = functools.partial(
+            chunked_distillation_sums, teacher_hidden=self._teacher_hidden(model_inputs, inputs["labels"]),
+            teacher_head=self.teacher.get_output_embeddings(), temperature=self.kd.temperature, kl=self.kd.kl,
+            chunk_tokens=self.kd.chunk_tokens,
+        )
+        sums = DistillationSums(*model(**model_inputs, compact_labels=inputs["labels"], distill=distill))
+        loss = weighted_distillation_loss(sums, self.kd.alpha, self.kd.beta, self.kd.temperature,
+                                          num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # count spans all ranks while DDP averages gradients
+        self._log_distillation_parts(sums)
+        if self.model.training:
+            self._count_tokens(inputs)
+        if not return_outputs:
+            return loss
+        with torch.no_grad():  # only evaluation with compute_metrics asks for the logits
+            return loss, model(**model_inputs)
+
+    def _teacher_hidden(self, model_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's last hidden states at the positions that carry loss, (scored tokens, hidden): small. Its
+        logits are computed from them chunk by chunk inside the student's forward."""
+        scored = labels[:, 1:] != IGNORE  # the same selection as add_compact_lm_head's
+        with torch.no_grad(), self.accelerator.autocast():  # the student's forward runs under the same autocast
+            hidden = self.teacher.base_model(**model_inputs, use_cache=False).last_hidden_state
+        return hidden[:, :-1][scored]
+
+    def _log_distillation_parts(self, sums: DistillationSums) -> None:
+        """Token means over all ranks, appended where TRL's log() averages them into each logging step."""
+        local = torch.stack([sums.ce.detach(), sums.kl.detach(), sums.count.to(sums.ce.dtype)]).reshape(1, 3)
+        ce, kl, count = self.accelerator.gather(local).sum(dim=0).tolist()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["ce_loss"].append(ce / max(count, 1))
+        self._metrics[mode]["kl_loss"].append(kl / max(count, 1))
 
     def _count_tokens(self, inputs: dict) -> None:
         local = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
@@ -386,12 +464,14 @@ def prepare_student(cfg: TrainSection, sft_args: SFTConfig) -> str:
     if cfg.init_from is None:
         return cfg.student
     from .student_init import init_student_from_teacher
+    from .teachers.serve import resolve_model_path
 
     target = Path(cfg.output_dir) / "student_init"
     with sft_args.main_process_first(local=False, desc="student init"):
         if not (target / "config.json").exists():
             init = cfg.init_from
-            init_student_from_teacher(init.model, target, keep_layers=init.keep_layers, every=init.every)
+            init_student_from_teacher(resolve_model_path(init.model), target, keep_layers=init.keep_layers,
+                                      every=init.every)  # offline asset names (smollm2-135m) as well as folders
     return str(target)
 
 
@@ -402,6 +482,42 @@ def load_student(cfg: TrainSection, path: str):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
+
+
+def check_same_vocabulary(student, student_tokenizer, student_path: str, teacher_path: str) -> None:
+    """KD compares full next-token distributions, so both models must index the same vocabulary: the same logits
+    width (checked from the teacher's config, before its weights load) and, when the teacher ships a tokenizer, the
+    same token -> id map."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    student_size = student.config.get_text_config().vocab_size
+    teacher_size = AutoConfig.from_pretrained(teacher_path).get_text_config().vocab_size
+    if student_size != teacher_size:
+        raise ValueError(f"method: kd needs the teacher and the student to share one vocabulary, but the student "
+                         f"({student_path}) has vocab_size {student_size} and the teacher ({teacher_path}) has "
+                         f"vocab_size {teacher_size}")
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    except (OSError, ValueError):
+        return  # a teacher saved without a tokenizer: the logits width is all there is to compare
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ValueError(f"method: kd needs the same tokenizer: the student ({student_path}) and the teacher "
+                         f"({teacher_path}) both have vocab_size {student_size} but map tokens to different ids")
+
+
+def load_teacher(cfg: TrainSection, student, student_tokenizer, student_path: str) -> tuple[Any, str]:
+    """(frozen teacher in the student's dtype, its resolved path) for method: kd, after the vocabulary check."""
+    from transformers import AutoModelForCausalLM
+
+    from .teachers.serve import resolve_model_path
+
+    path = resolve_model_path(cfg.kd.teacher)  # offline asset names (smollm2-135m) as well as folders
+    check_same_vocabulary(student, student_tokenizer, student_path, path)
+    kwargs = {"dtype": student.dtype}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return teacher.eval().requires_grad_(False), path
 
 
 def checkpoint_dtype(cfg: TrainSection, path: str) -> torch.dtype | None:
@@ -503,6 +619,9 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     train_template, saved_template = resolve_chat_template(tokenizer, cfg)
     ensure_chatml_tokens(model, tokenizer, train_template, lora=cfg.lora is not None)
     end_of_turn = find_end_of_turn(tokenizer, train_template, cfg.assistant_mask)
+    # Loaded before the data so that a wrong teacher fails in seconds; after ensure_chatml_tokens, which may grow
+    # the student's vocabulary.
+    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if cfg.method == "kd" else (None, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss; any id works
     tokenizer.chat_template = saved_template
@@ -519,9 +638,10 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         raise ValueError(f"{cfg.dataset}: no example fits max_length {max_length}")
 
     loss_head = cfg.loss_head if cfg.loss_head != "auto" else ("fused" if _on_accelerator() else "compact")
+    loss_head = "compact" if teacher is not None else loss_head  # kd's chunked loss runs on the compact head
     trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, processing_class=tokenizer,
                                 peft_config=lora_config(cfg), loss_head=loss_head, token_metrics=cfg.token_metrics,
-                                callbacks=callbacks)
+                                callbacks=callbacks, teacher=teacher, kd=cfg.kd)
     resume_from = newest_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     if resume_from:
         logger.info("resuming from %s", resume_from)
@@ -536,14 +656,17 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         model_dir = output_dir if cfg.lora is None else None
         if cfg.merge:
             model_dir = merge_adapter(output_dir, output_dir / "merged")
+        extra = {"model_dir": str(model_dir) if model_dir else None, "adapter": cfg.lora is not None,
+                 "student": student_path, "resumed_from": resume_from, "train_loss": result.training_loss,
+                 "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
+                 "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size}
+        if teacher is not None:  # sft manifests keep their keys
+            extra.update(method="kd", teacher=teacher_path)
         write_manifest(
             output_dir, stage="train", recipe=recipe_snapshot, files=_output_files(output_dir),
             counts={"examples": len(conversations), "trained_examples": len(train_dataset),
                     "global_step": trainer.state.global_step},
-            extra={"model_dir": str(model_dir) if model_dir else None, "adapter": cfg.lora is not None,
-                   "student": student_path, "resumed_from": resume_from, "train_loss": result.training_loss,
-                   "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
-                   "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size},
+            extra=extra,
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir

@@ -1,4 +1,4 @@
-"""The `train` section of a recipe: which student, which data, and how to run TRL's SFT on it.
+"""The `train` section of a recipe: which student, which data, and how to run TRL's SFT (or distillation) on it.
 
 Only pydantic here (no torch/transformers/trl imports), so the recipe can be validated in milliseconds. TRL's own
 options are not re-declared: `sft` is passed verbatim to `trl.SFTConfig(**sft)`, which rejects unknown keys itself.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # SFTConfig keys this tool decides itself; accepting them in `sft` would silently do the wrong thing.
 _RESERVED_SFT_KEYS = {
@@ -49,6 +49,29 @@ class LoraSection(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class KDSection(BaseModel):
+    """method: kd. Loss on the assistant tokens: alpha * CE(labels) + beta * tau^2 * KL at temperature tau, with
+    the teacher's full next-token distribution computed on the fly (see cot_distill/kd.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Local path or offline asset name (e.g. smollm2-135m) of a model with the student's exact vocabulary.
+    # Default: init_from.model when the student is built with init_from.
+    teacher: str | None = None
+    alpha: float = Field(default=0.5, ge=0.0)  # weight of the cross-entropy on the trace's tokens
+    beta: float = Field(default=0.5, ge=0.0)  # weight of tau^2 * KL
+    temperature: float = Field(default=2.0, gt=0.0)
+    kl: Literal["forward", "reverse"] = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # Positions whose logits (student and teacher) exist at once. Batches with more scored tokens recompute each
+    # chunk's logits in backward rather than keep them: memory stays at one chunk, for one more LM-head pass.
+    chunk_tokens: int = Field(default=1024, ge=1)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "KDSection":
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("train.kd: alpha and beta are both 0, so nothing would be trained")
+        return self
+
+
 class TrainSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,7 +79,8 @@ class TrainSection(BaseModel):
     init_from: InitFrom | None = None
     dataset: str | None = None  # save_to_disk folder, or a .jsonl/.json/.parquet file with a `messages` column
     output_dir: str
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "kd"] = "sft"  # kd: distill from a teacher's logits as well (see `kd`)
+    kd: KDSection | None = None  # only with method: kd (absent: the defaults)
     sft: dict[str, Any] = {}  # verbatim trl.SFTConfig(**sft)
     lora: LoraSection | None = None  # absent: full fine-tune
     merge: bool = False  # with lora: also write a merged full model to OUTPUT_DIR/merged
@@ -95,6 +119,34 @@ class TrainSection(BaseModel):
         if self.merge and self.lora is None:
             raise ValueError("train.merge only applies to LoRA runs (set `train.lora`)")
         return self
+
+    @model_validator(mode="after")
+    def _kd_settings(self) -> "TrainSection":
+        if self.method != "kd":
+            if self.kd is not None:
+                raise ValueError("train.kd is set but train.method is sft: set `method: kd` or remove `kd`")
+            return self
+        self.kd = self.kd or KDSection()
+        if self.kd.teacher is None:
+            if self.init_from is None:
+                raise ValueError("method: kd needs `train.kd.teacher` (or a student built with `init_from`, whose "
+                                 "model is then the teacher)")
+            self.kd.teacher = self.init_from.model
+        if self.loss_head == "fused":
+            raise ValueError("method: kd computes its loss on the compact LM head, chunk by chunk; loss_head: fused "
+                             "does not apply (use auto or compact)")
+        if self.token_metrics:
+            raise ValueError("token_metrics needs TRL's own SFT loss, which method: kd replaces")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_kd(self, handler) -> dict[str, Any]:
+        # An sft section dumps exactly as before `kd` existed: its resolved config and the pipeline's fingerprint
+        # of it stay the same, so existing train outputs are still reused.
+        data = handler(self)
+        if self.kd is None:
+            data.pop("kd", None)
+        return data
 
     @field_validator("sft")
     @classmethod

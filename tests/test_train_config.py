@@ -40,6 +40,38 @@ def test_invalid_sections_fail(bad):
         TrainSection.model_validate(bad)
 
 
+KD_TEACHER = {"student": "m", "output_dir": "o", "method": "kd"}
+
+
+@pytest.mark.parametrize("bad", [
+    {"student": "m", "output_dir": "o", "kd": {"teacher": "t"}},            # kd settings under method sft
+    {"student": "m", "output_dir": "o", "method": "kd"},                    # no teacher and no init_from
+    {**KD_TEACHER, "kd": {"teacher": "t", "temperature": 0}},
+    {**KD_TEACHER, "kd": {"teacher": "t", "temperature": -1.0}},
+    {**KD_TEACHER, "kd": {"teacher": "t", "alpha": -0.1}},
+    {**KD_TEACHER, "kd": {"teacher": "t", "alpha": 0, "beta": 0}},         # nothing to train
+    {**KD_TEACHER, "kd": {"teacher": "t", "kl": "jsd"}},
+    {**KD_TEACHER, "kd": {"teacher": "t", "chunk_tokens": 0}},
+    {**KD_TEACHER, "kd": {"teacher": "t", "tau": 2}},                       # unknown kd key
+    {**KD_TEACHER, "kd": {"teacher": "t"}, "loss_head": "fused"},           # kd always runs the compact head
+    {**KD_TEACHER, "kd": {"teacher": "t"}, "token_metrics": True},          # needs TRL's own loss
+])
+def test_invalid_kd_sections_fail(bad):
+    with pytest.raises(ValidationError):
+        TrainSection.model_validate(bad)
+
+
+def test_kd_defaults_and_teacher_from_init_from():
+    cfg = TrainSection.model_validate({**KD_TEACHER, "kd": {"teacher": "t"}})
+    assert (cfg.kd.alpha, cfg.kd.beta, cfg.kd.temperature, cfg.kd.kl) == (0.5, 0.5, 2.0, "forward")
+    assert cfg.kd.chunk_tokens == 1024
+    from_init = TrainSection(init_from={"model": "big", "every": 2}, output_dir="o", method="kd")
+    assert from_init.kd.teacher == "big"  # explicit in the resolved config
+    assert TrainSection.model_validate(from_init.model_dump()) == from_init
+    # An sft section dumps without a `kd` key, as before kd existed (pipeline fingerprints stay the same).
+    assert "kd" not in TrainSection(student="m", output_dir="o").model_dump(mode="json")
+
+
 def test_unknown_sft_key_fails_when_building_the_trl_config():
     from cot_distill.train import build_sft_config
 
