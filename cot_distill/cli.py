@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -121,9 +122,12 @@ def run(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma list, e.g. curate,train (default: all)."),
 ) -> None:
-    """All stages from one recipe: generate -> curate -> train -> eval (teacher and student) -> compare.
+    """All stages from one recipe: generate -> curate -> train -> eval -> compare -> report.json.
 
-    Finished stages are reused (same inputs, manifest present); a rerun after a crash continues where it stopped.
+    Eval covers the teacher (on the server generate started), the student before training, the trained student
+    and each of the recipe's `ablations`; the run ends with compare's table and report.json (default: next to
+    eval.output_dir). Finished stages are reused (same inputs, manifest present); a rerun after a crash
+    continues where it stopped. Local vLLM servers are stopped on exit, Ctrl+C or failure.
     """
     from cot_distill.pipeline import run_pipeline
 
@@ -225,7 +229,18 @@ def assets(
             typer.echo(f"{name}: {step()}")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Schedulers, `timeout` and `docker stop` end jobs with SIGTERM, which by default kills Python on the spot:
+    handle it like Ctrl+C instead, so the vLLM servers we started are stopped and no manifest is written."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main() -> None:
+    _interrupt_on_sigterm()
     app(prog_name="cot-distill")
 
 

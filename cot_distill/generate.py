@@ -192,10 +192,12 @@ def read_api_key(recipe: Recipe) -> str | None:
     return value
 
 
-def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
+def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
     """The generate stage, linear: load and validate prompts -> resume ledger -> run backend -> stats -> manifest.
 
-    `server`: a LocalVLLMServer the caller launched and owns (eval does); its death stops the run at once.
+    `server`: a LocalVLLMServer the caller launched and owns; its death stops the run at once.
+    `slot`: a teachers.serve.ServerSlot to launch the recipe's server in (it outlives this call), instead of a
+    server of our own that is stopped at the end.
     Returns the stats dict. Raises GenerateError when requests remain failed (rerun to retry them)."""
     out_dir = Path(recipe.generate.output_dir)
     requests, template_hash, prompt_count = build_requests(recipe)  # validates all input before any request
@@ -210,7 +212,7 @@ def run_generate(recipe: Recipe, server=None) -> dict[str, Any]:
 
     with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures:
         if pending:
-            run_backend(recipe, pending, template_hash, samples, failures, progress, server)
+            run_backend(recipe, pending, template_hash, samples, failures, progress, server, slot)
     progress.maybe_report(force=True)
 
     job_keys = {request.key for request in requests}
@@ -260,7 +262,7 @@ def summarize_ledger(samples_path: Path, job_keys: set[str]) -> tuple[set[str], 
 
 
 def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str, samples: JsonlWriter,
-                failures: JsonlWriter, progress: Progress, server=None) -> None:
+                failures: JsonlWriter, progress: Progress, server=None, slot=None) -> None:
     if recipe.teacher.backend == "vllm":
         from cot_distill.teachers.vllm_engine import run_in_process
 
@@ -268,7 +270,7 @@ def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str
         return
     from cot_distill.teachers.serve import maybe_launch
 
-    with maybe_launch(recipe) as (base_urls, launched):
+    with maybe_launch(recipe, slot=slot) as (base_urls, launched):
         asyncio.run(_run_openai(recipe, base_urls, pending, template_hash, samples, failures, progress,
                                 launched or server))
 

@@ -206,3 +206,35 @@ def test_seed_on_vllm_cpu_is_refused_before_starting(tmp_path, prompts_file):
     recipe.write_text(text)
     result = run_cli("generate", str(recipe), "--set", "generate.sampling.seed=1")
     assert result.returncode == 2 and "CPU Generator does not use offset" in result.stderr
+
+
+def test_sigterm_stops_the_launched_server_and_writes_no_manifest(tmp_path, tiny_model_dir, prompts_file):
+    """Schedulers stop jobs with SIGTERM: the server we launched must go with us (it runs in its own session,
+    so nothing else would stop it) and the unfinished job must not look complete."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "teacher")  # a path no other test's server serves
+    recipe = load_recipe(write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts_file, samples_per_prompt=50,
+                                      sampling={"temperature": 1.0, "max_tokens": 256, "extra_body": {"ignore_eos": True}}))
+    launched = recipe.model_dump(mode="json")
+    launched["teacher"]["launch"] = {"model_path": str(model), "max_model_len": 512, "enforce_eager": True}
+    path = tmp_path / "launched.yaml"
+    path.write_text(json.dumps(launched))
+    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(path)], cwd=REPO_ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    out = Path(recipe.generate.output_dir)
+    deadline = time.monotonic() + 600
+    while not (out / "samples.jsonl").exists() or (out / "samples.jsonl").stat().st_size == 0:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no sample within 10 minutes"
+        time.sleep(0.5)
+    server = subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True, text=True)
+    assert server.stdout.split(), "the launched server is not running"
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 130
+    assert "interrupted" in process.stderr.read()
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True, text=True)
+    assert not left.stdout.split(), "the vLLM server outlived the generator"
+    assert read_manifest(out) is None

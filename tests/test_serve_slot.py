@@ -1,0 +1,69 @@
+"""ServerSlot's bookkeeping: which request reuses the running server and which replaces it. Starting real servers
+for every case would cost minutes each; the real path (the teacher's server reused by its eval, one server per
+student) is exercised by tests/test_e2e.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cot_distill.recipe import LaunchSection
+from cot_distill.teachers import serve
+
+
+class FakeServer:
+    """A real child process standing in for vLLM, so liveness checks see a real exit."""
+
+    started: list["FakeServer"] = []
+
+    def __init__(self, launch: LaunchSection, served_name: str) -> None:
+        self.max_model_len = launch.max_model_len
+        self.served_name = served_name
+        self.process = None
+
+    def start(self) -> "FakeServer":
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        FakeServer.started.append(self)
+        return self
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def slot(monkeypatch):
+    FakeServer.started = []
+    monkeypatch.setattr(serve, "server_for", lambda launch, name, log_path: FakeServer(launch, name))
+    with serve.ServerSlot() as slot:
+        yield slot
+    assert all(server.process.poll() is not None for server in FakeServer.started), "a server outlived its slot"
+
+
+def test_same_model_with_a_shorter_context_reuses_the_server(slot, tmp_path):
+    first = slot.get(LaunchSection(model_path="m", max_model_len=4096), "teacher", tmp_path / "log")
+    assert slot.get(LaunchSection(model_path="m", max_model_len=2048), "teacher", tmp_path / "log") is first
+    assert len(FakeServer.started) == 1
+
+
+@pytest.mark.parametrize("change", [{"max_model_len": 8192}, {"model_path": "other"}, {"enforce_eager": True}])
+def test_anything_the_running_server_cannot_serve_replaces_it(slot, tmp_path, change):
+    first = slot.get(LaunchSection(model_path="m", max_model_len=4096), "teacher", tmp_path / "log")
+    second = slot.get(LaunchSection(model_path="m", max_model_len=4096).model_copy(update=change), "teacher",
+                      tmp_path / "log")
+    assert second is not first and first.process.poll() is not None  # stopped before the new one started
+
+
+def test_another_served_name_replaces_it(slot, tmp_path):
+    launch = LaunchSection(model_path="m")
+    first = slot.get(launch, "teacher", tmp_path / "log")
+    assert slot.get(launch, "student", tmp_path / "log") is not first
+
+
+def test_a_dead_server_is_started_again(slot, tmp_path):
+    launch = LaunchSection(model_path="m")
+    first = slot.get(launch, "teacher", tmp_path / "log")
+    first.stop()
+    assert slot.get(launch, "teacher", tmp_path / "log") is not first
