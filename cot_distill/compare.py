@@ -95,11 +95,21 @@ def count_parameters(model_dir: Path) -> int | None:
     return total if files else None
 
 
+def count_layers(model_dir: Path) -> int | None:
+    """Decoder layers, from config.json (or its text_config, for multimodal wrappers)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+
+
 def describe_local_model(model_dir: Path) -> dict[str, Any]:
     if not model_dir.is_dir():
-        return {"path": str(model_dir), "parameters": None, "size_on_disk_bytes": None}
+        return {"path": str(model_dir), "parameters": None, "layers": None, "size_on_disk_bytes": None}
     size = sum(path.stat().st_size for path in model_dir.rglob("*") if path.is_file())
-    return {"path": str(model_dir), "parameters": count_parameters(model_dir), "size_on_disk_bytes": size}
+    return {"path": str(model_dir), "parameters": count_parameters(model_dir), "layers": count_layers(model_dir),
+            "size_on_disk_bytes": size}
 
 
 class PeakMemory:
@@ -208,21 +218,24 @@ def comparison_rows(runs: dict[str, dict[str, Any]], reference: str) -> list[dic
                 "latency_p50_s": metrics["latency_s"]["p50"], "latency_p95_s": metrics["latency_s"]["p95"],
                 "throughput_tokens_per_s": metrics.get("throughput_tokens_per_s"),
                 "peak_rss_bytes": memory.get("rss_bytes"), "peak_gpu_bytes": memory.get("gpu_bytes"),
-                "parameters": model.get("parameters"), "size_on_disk_bytes": model.get("size_on_disk_bytes"),
+                "parameters": model.get("parameters"), "layers": model.get("layers"),
+                "size_on_disk_bytes": model.get("size_on_disk_bytes"),
+                "truncation_rate": metrics.get("truncation_rate"),
             })
     return rows
 
 
 def comparison_markdown(rows: list[dict[str, Any]], reference: str) -> str:
-    header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "latency p50 / p95 (s)",
-              "tok/s", "peak memory (RSS / GPU)", "parameters", "size on disk"]
+    header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "truncated",
+              "latency p50 / p95 (s)", "tok/s", "peak memory (RSS / GPU)", "parameters", "layers", "size on disk"]
     table = [[row["benchmark"], row["model"] + (" (reference)" if row["is_reference"] else ""),
               _percent(row["pass_at_1"]), _percent(row["maj_at_k"]), _number(row["retention_percent"], 1, 1, "%"),
-              _number(row["mean_completion_tokens"], 0),
+              _number(row["mean_completion_tokens"], 0), _percent(row.get("truncation_rate")),
               f"{_number(row['latency_p50_s'], 2)} / {_number(row['latency_p95_s'], 2)}",
               _number(row["throughput_tokens_per_s"], 0),
               f"{_bytes(row['peak_rss_bytes'])} / {_bytes(row['peak_gpu_bytes'])}",
-              _count(row["parameters"]), _bytes(row["size_on_disk_bytes"])] for row in rows]
+              _count(row["parameters"]), _count(row.get("layers")), _bytes(row["size_on_disk_bytes"])]
+             for row in rows]
     note = (f"Retention = pass@1 / pass@1 of the reference ({reference}). Peak memory is measured only for models "
             f"eval served itself ({MISSING}: a remote endpoint).")
     return "\n".join(["# Comparison", "", markdown_table(header, table), "", note])

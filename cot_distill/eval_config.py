@@ -53,6 +53,10 @@ class EvalSection(BaseModel):
     grading_workers: int = Field(default=1, ge=1)
     model: str | None = None  # a local model folder to evaluate instead of the recipe's teacher (e.g. the student)
     max_model_len: int | None = Field(default=None, ge=1)  # for a server we launch; None: max_tokens + 2048
+    # `cot-distill run` also evaluates the student as training starts: the baseline for what training added. An
+    # untrained (e.g. layer-pruned) student tends to ramble to max_tokens, so it gets fewer samples by default
+    # (pass@1 from one sample per problem is unbiased, only noisier). 0: skip that eval.
+    before_training_samples: int = Field(default=1, ge=0)
 
     @field_validator("benchmarks")
     @classmethod

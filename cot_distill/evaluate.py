@@ -161,10 +161,15 @@ def engine_kwargs_as_server_args(engine_kwargs: dict[str, Any]) -> list[str]:
     return args
 
 
+def eval_context(settings: EvalSection) -> int:
+    """The context (max_model_len) a server we launch for this eval needs."""
+    return settings.max_model_len or settings.sampling.max_tokens + PROMPT_TOKEN_ALLOWANCE
+
+
 def as_served(target: TeacherSection, settings: EvalSection) -> TeacherSection:
     """Every model we run ourselves becomes one launched server: the in-process backend would reload the model
     for every benchmark (and keep the old engine's GPU memory until it is collected)."""
-    context = settings.max_model_len or settings.sampling.max_tokens + PROMPT_TOKEN_ALLOWANCE
+    context = eval_context(settings)
     if target.backend == "vllm":
         kwargs = target.engine_kwargs
         launch = LaunchSection(model_path=target.model, dtype=kwargs.get("dtype", "bfloat16"), max_model_len=context,
@@ -207,16 +212,23 @@ def served_model_name(base_url: str, api_key_env: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def serving(target: TeacherSection, out_dir: Path) -> Iterator[tuple[TeacherSection, PeakMemory | None]]:
-    """(the target as an endpoint, a memory watcher or None): one server for all benchmarks when we launch it."""
+def serving(target: TeacherSection, out_dir: Path,
+            slot=None) -> Iterator[tuple[TeacherSection, PeakMemory | None, Any]]:
+    """(the target as an endpoint, a memory watcher or None, the launched server or None): one server for all
+    benchmarks when we launch it; in `slot` (a teachers.serve.ServerSlot) when given, which keeps it running."""
     if target.launch is None:
-        yield target, None
+        yield target, None, None
         return
     from cot_distill.teachers.serve import server_for
 
-    with server_for(target.launch, target.model, out_dir / "vllm-server.log") as server:
+    log_path = out_dir / "vllm-server.log"
+    with contextlib.ExitStack() as stack:
+        if slot is not None:
+            server = slot.get(target.launch, target.model, log_path)
+        else:
+            server = stack.enter_context(server_for(target.launch, target.model, log_path))
         with PeakMemory(server.process.pid) as memory:
-            yield target.model_copy(update={"launch": None, "base_urls": [server.base_url]}), memory
+            yield target.model_copy(update={"launch": None, "base_urls": [server.base_url]}), memory, server
 
 
 def prepare_eval(recipe_path: str | Path | None = None, *, model: str | None = None, endpoint: str | None = None,
@@ -282,10 +294,11 @@ def missing_samples(recipe: Recipe) -> int:
     return sum(request.key not in done for request in requests)
 
 
-def generate_benchmark(recipe: Recipe, endpoint: TeacherSection) -> None:
+def generate_benchmark(recipe: Recipe, endpoint: TeacherSection, server=None) -> None:
+    """`server`: the local server behind `endpoint` when we launched it; its death stops generation at once."""
     recipe = recipe.model_copy(update={"teacher": endpoint})
     print(f"[eval] {recipe.data.source}: {recipe.generate.samples_per_prompt} samples per problem", file=sys.stderr)
-    stats = run_generate(recipe)
+    stats = run_generate(recipe, server=server)
     if stats["samples_this_run"]:
         with JsonlWriter(Path(recipe.generate.output_dir).parent / RUNS_FILE) as runs:
             runs.write({"job": job_hash(recipe), "samples": stats["samples_this_run"], "finished_at": utc_now(),
@@ -338,8 +351,9 @@ def grade_benchmark(benchmark: Benchmark, samples: list[dict[str, Any]], grader)
     return rows
 
 
-def run_eval(settings: EvalSection, target: TeacherSection) -> dict[str, Any]:
-    """Load benchmarks -> generate K samples each (resumable) -> grade -> metrics -> results.json -> manifest.json."""
+def run_eval(settings: EvalSection, target: TeacherSection, slot=None) -> dict[str, Any]:
+    """Load benchmarks -> generate K samples each (resumable) -> grade -> metrics -> results.json -> manifest.json.
+    `slot`: a teachers.serve.ServerSlot to launch the target's server in (the pipeline reuses the teacher's)."""
     from cot_distill.grading import Grader
 
     out_dir = Path(settings.output_dir)
@@ -354,9 +368,9 @@ def run_eval(settings: EvalSection, target: TeacherSection) -> dict[str, Any]:
     unfinished = [recipe for recipe in recipes.values() if missing_samples(recipe)]
     memory = None
     if unfinished:  # a rerun that only regrades does not start (and wait minutes for) a server
-        with serving(target, out_dir) as (endpoint, memory):
+        with serving(target, out_dir, slot) as (endpoint, memory, server):
             for recipe in unfinished:
-                generate_benchmark(recipe, endpoint)
+                generate_benchmark(recipe, endpoint, server)
     results = {"created_at": utc_now(), "model": model_info(target, memory, out_dir),
                "generation": generation_info(settings, template), "benchmarks": {}}
     files = [RESULTS_FILE, RESULTS_TABLE]
@@ -409,7 +423,7 @@ def model_info(target: TeacherSection, memory: PeakMemory | None, out_dir: Path)
     else:
         info["served_by"] = "endpoint"
         info["endpoints"] = target.base_urls
-        info.update({"path": None, "parameters": None, "size_on_disk_bytes": None})
+        info.update({"path": None, "parameters": None, "layers": None, "size_on_disk_bytes": None})
     info["peak_memory"] = memory.report() if memory is not None else earlier_peak_memory(target, out_dir)
     return info
 

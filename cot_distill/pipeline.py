@@ -1,22 +1,25 @@
 """`cot-distill run RECIPE`: every configured stage in order, from one recipe.
 
-generate -> curate -> train -> eval (teacher and student) -> compare. A stage whose output folder already has
-a manifest made from the same inputs is reused, so a rerun after a crash or a finished run takes seconds for
+generate -> eval of the teacher (on the server generate started) -> curate -> train (the student and each ablation)
+-> eval of every student before and after training -> compare -> report.json. A stage whose output folder already
+has a manifest made from the same inputs is reused, so a rerun after a crash or a finished run takes seconds for
 the finished stages (generate and eval are also resumable inside a stage through their ledgers).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cot_distill.recipe import Recipe, load_recipe, recipe_snapshot
-from cot_distill.records import read_manifest, stable_hash
+from cot_distill.recipe import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe, recipe_snapshot
+from cot_distill.records import file_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
 
 STAGES = ("generate", "curate", "train", "eval")
 FINGERPRINT_FILE = ".pipeline-fingerprint"
+TEACHER, BEFORE, AFTER = "teacher", "student_before", "student_after"
 
 
 class PipelineError(RuntimeError):
@@ -25,6 +28,25 @@ class PipelineError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
+
+
+class StageClock:
+    """Seconds per stage of this invocation, and whether the stage was reused, for report.json."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, stage: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        result = stage()
+        self.stages[name] = {"seconds": round(time.monotonic() - started, 1)}
+        if result is False:  # reuse_or_run: nothing to do
+            self.stages[name]["reused"] = True
+        return result
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 1)
 
 
 def output_hash(folder: str | Path, name: str) -> str:
@@ -50,66 +72,195 @@ def reuse_or_run(name: str, out_dir: str | Path, fingerprint: str, stage: Callab
     return True
 
 
-def student_model_dir(recipe: Recipe) -> Path:
+# ------------------------------------------------------------------------------------------------- students
+
+
+def trained_students(recipe: Recipe) -> dict[str, TrainSection]:
+    """label -> train section: the main student, then each ablation."""
+    if recipe.train is None:
+        return {}
+    return {AFTER: recipe.train, **{f"student_{name}": recipe.ablation_train(name) for name in recipe.ablations}}
+
+
+def student_model_dir(train: TrainSection) -> Path:
     """The folder vLLM can serve: the full model, or with LoRA the merged one."""
-    train = recipe.train
     if train.lora is not None and not train.merge:
         raise PipelineError("train.lora without train.merge: true leaves only an adapter, which the eval stage "
                             "cannot serve; set train.merge: true")
     return Path(train.output_dir) / ("merged" if train.lora is not None else "")
 
 
-def run_generate_stage(recipe: Recipe) -> None:
+def untrained_student_dir(train: TrainSection) -> Path | None:
+    """The student as training starts: built from the teacher's layers (made now if train has not run yet), or
+    the local `train.student` folder. None for a hub id: there is no local model to serve."""
+    if train.init_from is None:
+        return Path(train.student) if Path(train.student).is_dir() else None
+    from cot_distill.student_init import ensure_student_init
+
+    return ensure_student_init(train.init_from, Path(train.output_dir) / "student_init")  # where train builds it
+
+
+def model_fingerprint(folder: Path) -> str:
+    """What identifies a local model's weights: its eval must not reuse samples of other weights under the same
+    served name (eval's ledger keys hold the name, not the weights)."""
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    return stable_hash([file_sha256(path) for path in files if path.exists()])
+
+
+def served_like_teacher(model_dir: Path, name: str, teacher: TeacherSection) -> TeacherSection:
+    """A local model launched with the teacher's launch settings (dtype, KV cache, eager mode) when it has any."""
+    launch = (teacher.launch or LaunchSection(model_path=str(model_dir))).model_copy(
+        update={"model_path": str(model_dir), "port": 0})
+    return TeacherSection(backend="openai", model=name, launch=launch)
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def run_generate_stage(recipe: Recipe, slot=None) -> None:
     from cot_distill.generate import run_generate
 
-    run_generate(recipe)  # resumable by itself: starts no server when every sample exists
+    run_generate(recipe, slot=slot)  # resumable by itself: starts no server when every sample exists
 
 
-def run_curate_stage(recipe: Recipe) -> None:
+def run_curate_stage(recipe: Recipe) -> bool:
     from cot_distill.curate import run_curate
 
     fingerprint = stable_hash([recipe.curate.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
                                recipe.generate.prompt_template, output_hash(recipe.generate.output_dir, "samples.jsonl")])
-    reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: run_curate(recipe))
+    return reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: run_curate(recipe))
 
 
-def run_train_stage(recipe: Recipe) -> None:
+def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: str = "train") -> bool:
     from cot_distill.curate import DATASET_DIR, TRAIN_FILE
     from cot_distill.train import run_train
 
-    train = recipe.train
+    train = train or recipe.train
     if train.dataset is None:
         train = train.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
-        recipe = recipe.model_copy(update={"train": train})
+    snapshot_recipe = recipe.model_copy(update={"train": train})
     from_curate = Path(train.dataset).resolve().is_relative_to(Path(recipe.curate.output_dir).resolve())
     inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else train.dataset
     fingerprint = stable_hash([train.model_dump(mode="json"), inputs])
-    reuse_or_run("train", train.output_dir, fingerprint, lambda: run_train(train, recipe_snapshot(recipe)))
+    return reuse_or_run(label, train.output_dir, fingerprint, lambda: run_train(train, recipe_snapshot(snapshot_recipe)))
 
 
-def run_eval_stage(recipe: Recipe) -> dict[str, Path]:
-    """Evaluate the teacher and (when the recipe trains one) the student, then compare them."""
-    from cot_distill.compare import run_compare
-    from cot_distill.evaluate import run_eval, target_from_model
+def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: str,
+             samples: int | None = None) -> Path:
+    """Evaluate one model into EVAL_DIR/label, starting over when the weights behind the label changed."""
+    from cot_distill.evaluate import run_eval
 
-    out_root = Path(recipe.eval.output_dir)
-    targets = {"teacher": recipe.teacher}
-    if recipe.train is not None:
-        targets["student"] = target_from_model(str(student_model_dir(recipe)), "student")
+    settings = recipe.eval.model_copy(update={"samples": samples or recipe.eval.samples})
+    out_dir = Path(settings.output_dir) / label
+    marker = out_dir / FINGERPRINT_FILE
+    fingerprint = stable_hash([weights, target.model])
+    if marker.exists() and marker.read_text() != fingerprint:
+        log(f"eval {label}: the model changed since the last eval; starting it over")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    log(f"eval: {label}")
+    run_eval(settings.model_copy(update={"output_dir": str(out_dir)}), target, slot)
+    return out_dir
+
+
+def eval_teacher(recipe: Recipe, slot) -> Path:
+    teacher = recipe.teacher
+    if teacher.launch is not None:
+        from cot_distill.teachers.serve import resolve_model_path
+
+        weights = model_fingerprint(Path(resolve_model_path(teacher.launch.model_path)))
+    else:
+        weights = stable_hash([teacher.model, teacher.base_urls, teacher.engine_kwargs])
+    return eval_one(recipe, TEACHER, teacher, slot, weights)
+
+
+def eval_students(recipe: Recipe, slot) -> dict[str, Path]:
     folders = {}
-    for name, target in targets.items():
-        settings = recipe.eval.model_copy(update={"output_dir": str(out_root / name)})
-        log(f"eval: {name}")
-        run_eval(settings, target)  # resumable: regrades only when every sample exists
-        folders[name] = out_root / name
-    if len(folders) > 1:
-        report = run_compare(list(folders.values()), out_root / "compare", folders["teacher"])
-        print(report["markdown"])
+    before = untrained_student_dir(recipe.train) if recipe.eval.before_training_samples else None
+    if before is not None:
+        folders[BEFORE] = eval_one(recipe, BEFORE, served_like_teacher(before, BEFORE, recipe.teacher), slot,
+                                   model_fingerprint(before), samples=recipe.eval.before_training_samples)
+    for label, train in trained_students(recipe).items():
+        model_dir = student_model_dir(train)
+        if read_manifest(train.output_dir) is None:
+            raise PipelineError(f"{label}: {train.output_dir} has no manifest.json; run the train stage first")
+        folders[label] = eval_one(recipe, label, served_like_teacher(model_dir, label, recipe.teacher), slot,
+                                  model_fingerprint(model_dir))
     return folders
 
 
+def with_teacher_context_for_eval(recipe: Recipe) -> Recipe:
+    """Start the teacher for generate with the context its eval needs too, so eval reuses the running server."""
+    from cot_distill.evaluate import eval_context
+
+    launch = recipe.teacher.launch
+    if launch is None or launch.max_model_len >= eval_context(recipe.eval):
+        return recipe
+    teacher = recipe.teacher.model_copy(
+        update={"launch": launch.model_copy(update={"max_model_len": eval_context(recipe.eval)})})
+    return recipe.model_copy(update={"teacher": teacher})
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def model_summary(eval_dir: Path, train: TrainSection | None = None) -> dict[str, Any]:
+    """pass@1 (mean over the benchmarks) and what a reader compares models by, from an eval's results.json."""
+    results = read_json(eval_dir / "results.json")
+    benchmarks = results["benchmarks"]
+
+    def mean(key: str) -> float:
+        return round(sum(metrics[key] for metrics in benchmarks.values()) / len(benchmarks), 4)
+
+    model = results["model"]
+    summary = {
+        "pass@1": mean("pass_at_1"),
+        "maj@k": mean("maj_at_k"),
+        "stop_rate": round(1 - mean("truncation_rate"), 4),  # finish_reason "stop": the model ended its answer
+        "mean_completion_tokens": mean("mean_completion_tokens"),
+        "parameters": model.get("parameters"),
+        "layers": model.get("layers"),
+        "path": model.get("path"),
+        "benchmarks": {name: {"pass@1": metrics["pass_at_1"], "pass@1_stderr": metrics["pass_at_1_stderr"],
+                              "pass@k": metrics["pass_at_k"], "problems": metrics["problems"],
+                              "samples_per_problem": metrics["samples_per_problem"]}
+                       for name, metrics in benchmarks.items()},
+        "eval_dir": str(eval_dir),
+    }
+    if train is not None:
+        summary["method"] = train.method
+        summary["train_dir"] = train.output_dir
+    return summary
+
+
+def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | None, clock: StageClock) -> Path:
+    students = trained_students(recipe)
+    models = {label: model_summary(folder, students.get(label)) for label, folder in folders.items()}
+    report: dict[str, Any] = {"recipe": recipe.name, "created_at": utc_now(), **models}
+    teacher, after = models.get(TEACHER), models.get(AFTER)
+    if teacher is not None and after is not None:
+        report["retention"] = round(after["pass@1"] / teacher["pass@1"], 4) if teacher["pass@1"] else None
+        report.update({"teacher_params": teacher["parameters"], "student_params": after["parameters"],
+                       "teacher_layers": teacher["layers"], "student_layers": after["layers"]})
+    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER)]
+    report["compare_dir"] = str(compare_dir) if compare_dir else None
+    report["wall_seconds"] = clock.elapsed()  # of this invocation: a rerun that reuses stages is short
+    report["stages"] = clock.stages
+    path = recipe.report_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
 def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
-                 stages: list[str] | None = None) -> None:
+                 stages: list[str] | None = None) -> Path | None:
+    """Run the chosen stages (default: all the recipe configures). Returns report.json's path when eval ran."""
+    from cot_distill.teachers.serve import ServerSlot
+
     recipe = load_recipe(recipe_path, overrides or [])
     chosen = stages or [stage for stage in STAGES if stage != "train" or recipe.train is not None]
     unknown = sorted(set(chosen) - set(STAGES))
@@ -117,10 +268,34 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
         raise PipelineError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
     if "train" in chosen and recipe.train is None:
         raise PipelineError("the recipe has no train section")
-    runners = {"generate": run_generate_stage, "curate": run_curate_stage, "train": run_train_stage,
-               "eval": run_eval_stage}
-    started = time.monotonic()
-    for stage in STAGES:
-        if stage in chosen:
-            runners[stage](recipe)
-    log(f"all stages done in {time.monotonic() - started:.0f} s")
+    if "eval" in chosen:
+        recipe = with_teacher_context_for_eval(recipe)
+
+    clock = StageClock()
+    folders: dict[str, Path] = {}
+    with ServerSlot() as slot:  # one server at a time; stopped on exit, Ctrl+C or failure
+        if "generate" in chosen:
+            clock.run("generate", lambda: run_generate_stage(recipe, slot))
+        if "eval" in chosen:
+            folders[TEACHER] = clock.run("eval teacher", lambda: eval_teacher(recipe, slot))
+        slot.close()  # curate and train want the cores; students get servers of their own
+        if "curate" in chosen:
+            clock.run("curate", lambda: run_curate_stage(recipe))
+        if "train" in chosen:
+            for label, train in trained_students(recipe).items():
+                clock.run(f"train {label}", lambda: run_train_stage(recipe, train, f"train {label}"))
+        if "eval" in chosen and recipe.train is not None:
+            folders.update(clock.run("eval students", lambda: eval_students(recipe, slot)))
+    if "eval" not in chosen:
+        log(f"all stages done in {clock.elapsed():.0f} s")
+        return None
+
+    from cot_distill.compare import run_compare
+
+    compare_dir = None
+    if len(folders) > 1:
+        compare_dir = Path(recipe.eval.output_dir) / "compare"
+        print(run_compare(list(folders.values()), compare_dir, folders[TEACHER])["markdown"])
+    report = write_report(recipe, folders, compare_dir, clock)
+    log(f"all stages done in {clock.elapsed():.0f} s; report: {report}")
+    return report

@@ -11,7 +11,9 @@ state-dict renumbering, and `load_state_dict(strict=True)` proves every student 
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shutil
 from pathlib import Path
 
 _LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
@@ -115,3 +117,25 @@ def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_la
     except (OSError, ValueError):
         pass  # a teacher without a tokenizer: the student is still usable with one supplied later
     return output_dir
+
+
+INIT_RECORD = "init_from.json"
+
+
+def ensure_student_init(init, folder: str | Path) -> Path:
+    """The student of `init` (a train_config.InitFrom) in `folder`: built once, and built again when the recipe's
+    init_from changed since (another teacher or other layers must not silently reuse the old student)."""
+    from .records import write_json_atomic
+    from .teachers.serve import resolve_model_path
+
+    folder = Path(folder)
+    wanted = init.model_dump(mode="json")
+    record = folder / INIT_RECORD
+    if (folder / "config.json").exists() and record.exists() and json.loads(record.read_text()) == wanted:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    init_student_from_teacher(resolve_model_path(init.model), folder, keep_layers=init.keep_layers,
+                              every=init.every)  # offline asset names (smollm2-135m) as well as folders
+    write_json_atomic(record, wanted)  # last: a half-built folder has no record and is rebuilt
+    return folder

@@ -463,16 +463,10 @@ def prepare_student(cfg: TrainSection, sft_args: SFTConfig) -> str:
     """Path or hub id of the student; with init_from, builds it once under OUTPUT_DIR/student_init."""
     if cfg.init_from is None:
         return cfg.student
-    from .student_init import init_student_from_teacher
-    from .teachers.serve import resolve_model_path
+    from .student_init import ensure_student_init
 
-    target = Path(cfg.output_dir) / "student_init"
     with sft_args.main_process_first(local=False, desc="student init"):
-        if not (target / "config.json").exists():
-            init = cfg.init_from
-            init_student_from_teacher(resolve_model_path(init.model), target, keep_layers=init.keep_layers,
-                                      every=init.every)  # offline asset names (smollm2-135m) as well as folders
-    return str(target)
+        return str(ensure_student_init(cfg.init_from, Path(cfg.output_dir) / "student_init"))
 
 
 def load_student(cfg: TrainSection, path: str):

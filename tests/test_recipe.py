@@ -103,3 +103,46 @@ def test_prompt_templates_render_and_hash():
 def test_unknown_template_lists_available():
     with pytest.raises(PromptTemplateError, match="r1-math-nosys"):
         load_template("no-such-template")
+
+
+WITH_TRAIN = MINIMAL + """\
+train:
+  init_from: {model: smollm2-135m, every: 2}
+  output_dir: runs/t/train
+  sft: {learning_rate: 0.0003}
+"""
+
+
+def test_ablation_is_the_train_section_with_its_keys_replaced(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(WITH_TRAIN + "ablations:\n  lr:\n    output_dir: runs/t/train-lr\n    sft: {learning_rate: 0.001}\n")
+    recipe = load_recipe(path)
+    variant = recipe.ablation_train("lr")
+    assert variant.output_dir == "runs/t/train-lr" and variant.sft == {"learning_rate": 0.001}
+    assert variant.init_from == recipe.train.init_from  # everything not named is the main student's
+
+
+@pytest.mark.parametrize("ablation, message", [
+    ("    methd: kd\n    output_dir: runs/t/x\n", "r.yaml:13: ablations.x.methd: Extra inputs are not permitted"),
+    ("    sft: {}\n", "r.yaml:12: ablations.x.output_dir: set one of its own (it would overwrite runs/t/train)"),
+])
+def test_bad_ablation_names_its_key_and_line(tmp_path, ablation, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(WITH_TRAIN + "ablations:\n  x:\n" + ablation)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert message in str(error.value)
+
+
+def test_ablations_need_a_train_section(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "ablations:\n  x: {output_dir: y}\n")
+    with pytest.raises(RecipeError, match="ablations vary the train section"):
+        load_recipe(path)
+
+
+def test_report_goes_next_to_the_eval_folder_unless_set(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "eval: {output_dir: runs/x/eval}\n")
+    assert load_recipe(path).report_path() == Path("runs/x/report.json")
+    assert load_recipe(path, ["report=out/r.json"]).report_path() == Path("out/r.json")

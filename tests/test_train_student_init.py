@@ -81,3 +81,19 @@ def test_init_student_from_teacher_saves_a_loadable_student(tmp_path):
     assert len(student.config.layer_types) == 3
     assert (out / "generation_config.json").exists()
     assert AutoTokenizer.from_pretrained(out).chat_template is not None
+
+
+def test_ensure_student_init_builds_once_and_again_when_init_from_changes(tmp_path):
+    from cot_distill.student_init import ensure_student_init
+    from cot_distill.train_config import InitFrom
+    from transformers import AutoConfig
+
+    teacher_dir = make_tiny_student(tmp_path / "teacher", family="qwen3", layers=4)
+    folder = tmp_path / "student_init"
+    ensure_student_init(InitFrom(model=str(teacher_dir), every=2), folder)
+    built_at = (folder / "model.safetensors").stat().st_mtime_ns
+    ensure_student_init(InitFrom(model=str(teacher_dir), every=2), folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == built_at  # same init_from: reused
+
+    ensure_student_init(InitFrom(model=str(teacher_dir), keep_layers=[0, 1]), folder)
+    assert AutoConfig.from_pretrained(folder).student_init["kept_layers"] == [0, 1]
