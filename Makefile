@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The main job: teacher -> traces -> curated data -> 20-layer student -> eval of all three -> runs/demo/report.json.
 demo: setup
-	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --stages generate,curate
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml
 
 test: setup
 	$(VENV)/bin/pytest -q -rs tests
