@@ -146,3 +146,17 @@ def test_report_goes_next_to_the_eval_folder_unless_set(tmp_path):
     path.write_text(MINIMAL + "eval: {output_dir: runs/x/eval}\n")
     assert load_recipe(path).report_path() == Path("runs/x/report.json")
     assert load_recipe(path, ["report=out/r.json"]).report_path() == Path("out/r.json")
+
+
+def test_make_demo_kd_override_builds_the_kd_ablation():
+    """`make demo-kd` adds the ablation with --set: it must validate and differ from the main student only in
+    its method and folder."""
+    import shlex
+
+    line = next(line for line in (REPO / "Makefile").read_text().splitlines() if "ablations=" in line)
+    override = shlex.split(line)[shlex.split(line).index("--set") + 1]
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [override])
+    kd = recipe.ablation_train("kd")
+    assert kd.method == "kd" and kd.kd.teacher == recipe.train.init_from.model
+    assert kd.init_from == recipe.train.init_from and kd.sft == recipe.train.sft
+    assert kd.output_dir == "runs/demo/train-kd"
