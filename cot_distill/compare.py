@@ -107,7 +107,9 @@ def count_layers(model_dir: Path) -> int | None:
 def describe_local_model(model_dir: Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         return {"path": str(model_dir), "parameters": None, "layers": None, "size_on_disk_bytes": None}
-    size = sum(path.stat().st_size for path in model_dir.rglob("*") if path.is_file())
+    # Top-level files only: a train folder also holds student_init/, checkpoint-*/ or merged/, which are not
+    # part of the model that is served.
+    size = sum(path.stat().st_size for path in model_dir.iterdir() if path.is_file())
     return {"path": str(model_dir), "parameters": count_parameters(model_dir), "layers": count_layers(model_dir),
             "size_on_disk_bytes": size}
 

@@ -23,7 +23,7 @@ def reduced_demo_overrides(out) -> list[str]:
         "generate.output_dir": out / "generate",
         "curate.output_dir": out / "curate",
         "train.output_dir": out / "train",
-        "train.sft.num_train_epochs": 4,
+        "train.sft.num_train_epochs": 8,         # ~40 traces: 24 steps
         "eval.output_dir": out / "eval",
         "eval.limit": 40,                       # of 100 held-out problems
         "eval.samples": 2,
