@@ -19,11 +19,11 @@ pytestmark = pytest.mark.e2e
 
 def reduced_demo_overrides(out) -> list[str]:
     settings = {
-        "data.limit": 96,                       # of 355 training problems
+        "data.limit": 160,                      # of 355 training problems: ~70 verified traces
         "generate.output_dir": out / "generate",
         "curate.output_dir": out / "curate",
         "train.output_dir": out / "train",
-        "train.sft.num_train_epochs": 8,         # ~40 traces: 24 steps
+        "train.sft.num_train_epochs": 8,
         "eval.output_dir": out / "eval",
         "eval.limit": 40,                       # of 100 held-out problems
         "eval.samples": 2,
