@@ -423,6 +423,11 @@ def _on_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def wants_allocator_tuning(cfg: TrainSection) -> bool:
+    """cfg.tune_cpu_allocator, or by default: on for sft, off for kd (see TrainSection.tune_cpu_allocator)."""
+    return cfg.tune_cpu_allocator if cfg.tune_cpu_allocator is not None else cfg.method == "sft"
+
+
 def tune_cpu_allocator() -> bool:
     """Stop glibc from handing large freed blocks back to the OS. By default every tensor over 32 MB is mmapped and
     unmapped, so each CPU step page-faults its logits and activations back in: at 870 tokens x 151k vocab that was
@@ -598,7 +603,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     output_dir = Path(cfg.output_dir)
     sft_args = build_sft_config(cfg)
     is_main = sft_args.process_index == 0
-    if cfg.tune_cpu_allocator and sft_args.use_cpu:
+    if wants_allocator_tuning(cfg) and sft_args.use_cpu:
         tune_cpu_allocator()
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,9 @@ class TrainSection(BaseModel):
     bf16_autocast_on_cpu: bool = True
     # On CPU, keep freed memory in glibc's heap instead of returning it to the OS and page-faulting it back every
     # step (about half of a CPU step's LM head time; see train.tune_cpu_allocator). Process-wide; glibc only.
-    tune_cpu_allocator: bool = True
+    # None: on for sft, off for kd. kd's many vocabulary-sized temporaries of varying size fragment a heap that is
+    # never trimmed: the demo's kd run grew to 24 GB RSS by step 43 (killed), ~5 GB with glibc's defaults.
+    tune_cpu_allocator: bool | None = None
     model_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the student is loaded in (master weights)
     # dtype of the saved full model; "auto": the student checkpoint's own (a bf16 student stays bf16 for vLLM).
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
