@@ -32,6 +32,7 @@ def reduced_demo_overrides(out) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
+@pytest.mark.timeout(2400)  # the whole demo pipeline at reduced size: ~10-12 min on 2 cores
 def test_reduced_demo_distills_the_teacher_into_a_better_student(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("run", str(REPO_ROOT / "recipes" / "demo-cpu.yaml"), *reduced_demo_overrides(out),
