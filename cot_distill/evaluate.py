@@ -219,14 +219,9 @@ def serving(target: TeacherSection, out_dir: Path,
     if target.launch is None:
         yield target, None, None
         return
-    from cot_distill.teachers.serve import server_for
+    from cot_distill.teachers.serve import running_server
 
-    log_path = out_dir / "vllm-server.log"
-    with contextlib.ExitStack() as stack:
-        if slot is not None:
-            server = slot.get(target.launch, target.model, log_path)
-        else:
-            server = stack.enter_context(server_for(target.launch, target.model, log_path))
+    with running_server(target.launch, target.model, out_dir / "vllm-server.log", slot) as server:
         with PeakMemory(server.process.pid) as memory:
             yield target.model_copy(update={"launch": None, "base_urls": [server.base_url]}), memory, server
 

@@ -95,9 +95,9 @@ def untrained_student_dir(train: TrainSection) -> Path | None:
     the local `train.student` folder. None for a hub id: there is no local model to serve."""
     if train.init_from is None:
         return Path(train.student) if Path(train.student).is_dir() else None
-    from cot_distill.student_init import ensure_student_init
+    from cot_distill.student_init import ensure_student_init, student_init_dir
 
-    return ensure_student_init(train.init_from, Path(train.output_dir) / "student_init")  # where train builds it
+    return ensure_student_init(train.init_from, student_init_dir(train.output_dir))
 
 
 def model_fingerprint(folder: Path) -> str:

@@ -122,6 +122,11 @@ def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_la
 INIT_RECORD = "init_from.json"
 
 
+def student_init_dir(train_output_dir: str | Path) -> Path:
+    """Where train builds an init_from student (and where the pipeline evaluates it before training)."""
+    return Path(train_output_dir) / "student_init"
+
+
 def ensure_student_init(init, folder: str | Path) -> Path:
     """The student of `init` (a train_config.InitFrom) in `folder`: built once, and built again when the recipe's
     init_from changed since (another teacher or other layers must not silently reuse the old student)."""

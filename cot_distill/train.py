@@ -468,10 +468,10 @@ def prepare_student(cfg: TrainSection, sft_args: SFTConfig) -> str:
     """Path or hub id of the student; with init_from, builds it once under OUTPUT_DIR/student_init."""
     if cfg.init_from is None:
         return cfg.student
-    from .student_init import ensure_student_init
+    from .student_init import ensure_student_init, student_init_dir
 
     with sft_args.main_process_first(local=False, desc="student init"):
-        return str(ensure_student_init(cfg.init_from, Path(cfg.output_dir) / "student_init"))
+        return str(ensure_student_init(cfg.init_from, student_init_dir(cfg.output_dir)))
 
 
 def load_student(cfg: TrainSection, path: str):

@@ -229,9 +229,16 @@ def maybe_launch(recipe: Recipe, log_dir: str | Path | None = None,
         return
     check_cpu_sampling(recipe)
     log_path = Path(log_dir or recipe.generate.output_dir) / "vllm-server.log"
+    with running_server(launch, recipe.teacher.model, log_path, slot) as server:
+        yield [server.base_url], server
+
+
+@contextlib.contextmanager
+def running_server(launch: LaunchSection, served_name: str, log_path: str | Path,
+                   slot: ServerSlot | None = None) -> Iterator[LocalVLLMServer]:
+    """A started server: from `slot` when given (it keeps running afterwards), else our own, stopped on leaving."""
     if slot is not None:
-        server = slot.get(launch, recipe.teacher.model, log_path)
-        yield [server.base_url], server
+        yield slot.get(launch, served_name, log_path)
         return
-    with server_for(launch, recipe.teacher.model, log_path) as server:
-        yield [server.base_url], server
+    with server_for(launch, served_name, log_path) as server:
+        yield server
