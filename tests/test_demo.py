@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 def reduced_demo_overrides(out) -> list[str]:
     settings = {
-        "data.limit": 160,                      # of 355 training problems: ~70 verified traces
+        "data.limit": 100,                      # of 230 training problems: ~65 verified traces
         "generate.output_dir": out / "generate",
         "curate.output_dir": out / "curate",
         "train.output_dir": out / "train",
