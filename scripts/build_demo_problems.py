@@ -44,6 +44,7 @@ def split() -> tuple[list[dict], list[dict]]:
     test = [row for row in problems if pair(row) in held_out]
     rng.shuffle(train)
     rng.shuffle(test)
+    # Dropped after both shuffles, so the random draws (and the held-out file) stay exactly as before.
     kept_two_digit = set(two_digit[HELD_OUT_TWO_DIGIT:HELD_OUT_TWO_DIGIT + TWO_DIGIT_TRAIN])
     train = [row for row in train if row["kind"] != "add2" or pair(row) in kept_two_digit]
     return train, test
