@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 def reduced_demo_overrides(out) -> list[str]:
     settings = {
         "data.limit": 100,                      # of 180 training problems
-        "generate.samples_per_prompt": 4,       # the recipe's 6 cost CI a minute more; ~65 verified traces at 4
+        "generate.samples_per_prompt": 4,       # the recipe's 6 would cost CI about a minute more
         "generate.output_dir": out / "generate",
         "curate.output_dir": out / "curate",
         "train.output_dir": out / "train",
