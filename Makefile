@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo demo-kd test test-fast bench clean
+.PHONY: setup demo demo-kd test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ demo-kd: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -rs tests
+
+# Imports sorted and absolute (ruff's isort and tidy-imports rules; config in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check cot_distill tests benchmarks scripts
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -rs -m "not integration and not e2e" tests

@@ -128,9 +128,9 @@ def build_corpus(folder: Path, n: int, per_prompt: int, seed: int) -> Path:
     recipe_path = folder / "recipe.yaml"
     if (folder / ".complete").exists():
         return recipe_path
+    from cot_distill.config import Recipe
     from cot_distill.generate import sampling_params
     from cot_distill.prompts import load_template
-    from cot_distill.recipe import Recipe
     from cot_distill.records import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,8 @@ def build_corpus(folder: Path, n: int, per_prompt: int, seed: int) -> Path:
 
 def run_curate_child(recipe_path: str) -> None:
     """--child mode: run the stage, print timing and this process's peak RSS as one JSON line."""
+    from cot_distill.config import load_recipe
     from cot_distill.curate import run_curate
-    from cot_distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     started = time.perf_counter()

@@ -31,9 +31,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cot_distill.assets import build_tiny_model  # noqa: E402
+from cot_distill.config import load_recipe  # noqa: E402
 from cot_distill.generate import run_generate  # noqa: E402
 from cot_distill.prompts import load_template  # noqa: E402
-from cot_distill.recipe import load_recipe  # noqa: E402
 from cot_distill.teachers.serve import LocalVLLMServer  # noqa: E402
 
 SERVED = "bench-teacher"

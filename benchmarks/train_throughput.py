@@ -130,8 +130,8 @@ def sft_settings(args, mode: str) -> dict:
 
 
 def run_ours(args, work: Path, mode: str):
+    from cot_distill.config.train import TrainSection
     from cot_distill.train import run_train
-    from cot_distill.train_config import TrainSection
 
     recorder = make_recorder()
     cfg = TrainSection(student=str(work / "student"), dataset=str(work / "data.jsonl"),
@@ -160,9 +160,14 @@ def run_torch_loop(args, work: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from cot_distill.train import (find_end_of_turn, load_conversations, resolve_chat_template,
-                                   tokenize_conversations, tune_cpu_allocator)
-    from cot_distill.train_config import TrainSection
+    from cot_distill.config.train import TrainSection
+    from cot_distill.train import (
+        find_end_of_turn,
+        load_conversations,
+        resolve_chat_template,
+        tokenize_conversations,
+        tune_cpu_allocator,
+    )
 
     cfg = TrainSection(student=str(work / "student"), dataset=str(work / "data.jsonl"), output_dir=str(work / "x"))
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)

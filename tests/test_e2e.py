@@ -14,8 +14,9 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import SERVED_NAME, run_cli
 from cot_distill.records import read_json, read_manifest
+
+from conftest import SERVED_NAME, run_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from cot_distill.benchmarks import aime_gold, gsm8k_gold, load_benchmark
-from cot_distill.eval_config import EvalError, EvalSection, LocalBenchmark, eval_settings
-from cot_distill.recipe import RecipeError, load_recipe
+from cot_distill.config import RecipeError, load_recipe
+from cot_distill.config.eval import EvalError, EvalSection, LocalBenchmark, eval_settings
+from cot_distill.evaluate.eval_sets import aime_gold, gsm8k_gold, load_benchmark
 from cot_distill.records import RecordError
 
 

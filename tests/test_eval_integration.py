@@ -11,10 +11,11 @@ import types
 
 import pytest
 
-from conftest import SERVED_NAME
+from cot_distill.config import TeacherSection
 from cot_distill.evaluate import as_served, prepare_eval, run_eval, target_from_model
-from cot_distill.recipe import TeacherSection
 from cot_distill.records import RecordError, iter_jsonl, read_json, read_manifest
+
+from conftest import SERVED_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def test_eval_of_an_endpoint_generates_k_samples_per_problem_and_writes_every_ou
     assert sorted(generated) == [(f"t{i}", idx) for i in range(5) for idx in range(2)]
     assert set(generated.values()) == {1}
     graded = lines(out / "tiny/graded.jsonl")
-    assert sorted((r["problem_id"], r["sample_idx"]) for r in graded) == sorted(generated)
+    assert sorted((r["prompt_id"], r["sample_idx"]) for r in graded) == sorted(generated)
     assert all(r["completion_tokens"] <= 24 and r["correct"] in (True, False) for r in graded)
     assert {r["gold"] for r in graded} == {"0", "2", "4", "6", "8"}
 

@@ -8,11 +8,18 @@ from fractions import Fraction
 
 import pytest
 
-from cot_distill.eval_config import EvalError
-from cot_distill.evaluate import benchmark_metrics, grade_benchmark, ks_up_to, majority_correct, pass_at_k, \
-    percentile, vote_key
-from cot_distill.benchmarks import Benchmark
-from cot_distill.records import Prompt
+from cot_distill.config.eval import EvalError
+from cot_distill.evaluate import (
+    benchmark_metrics,
+    grade_benchmark,
+    ks_up_to,
+    majority_correct,
+    pass_at_k,
+    percentile,
+    vote_key,
+)
+from cot_distill.evaluate.eval_sets import Benchmark
+from cot_distill.records import Prompt, Sample, Usage
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -48,7 +55,7 @@ def test_ks_are_powers_of_two_up_to_k_and_k_itself():
 
 
 def row(problem, idx, extracted, correct, truncated=False, tokens=10, latency=1.0, **groups):
-    return {"problem_id": problem, "sample_idx": idx, "extracted": extracted, "correct": correct, "reason": "match",
+    return {"prompt_id": problem, "sample_idx": idx, "extracted": extracted, "correct": correct, "reason": "match",
             "truncated": truncated, "completion_tokens": tokens, "latency_s": latency, "route": "boxed",
             "groups": groups}
 
@@ -104,9 +111,11 @@ def test_percentile_interpolates_like_numpy():
     assert percentile(list(range(101)), 95) == 95 and percentile([], 50) is None
 
 
-def sample(problem_id, idx, text, finish="stop", tokens=12):
-    return {"prompt_id": problem_id, "sample_idx": idx, "text": text, "finish_reason": finish,
-            "usage": {"completion_tokens": tokens}, "latency_s": 0.5}
+def sample(prompt_id, idx, text, finish="stop", tokens=12):
+    return Sample(prompt_id=prompt_id, sample_idx=idx, request_key=f"{prompt_id}-{idx}", teacher="t", params={},
+                  template_hash="h", reasoning=None, content=text, text=text, reasoning_closed=True,
+                  finish_reason=finish, usage=Usage(completion_tokens=tokens), latency_s=0.5, attempts=1,
+                  created_at="2026-12-02T00:00:00+00:00")
 
 
 def test_reasoning_is_stripped_only_when_closed_and_unclosed_counts_truncated_and_wrong():
@@ -122,7 +131,7 @@ def test_reasoning_is_stripped_only_when_closed_and_unclosed_counts_truncated_an
         sample("b", 1, "\\boxed{2}", finish="length"),  # cut off after answering: graded, but counted truncated
     ]
     with Grader(workers=1) as grader:
-        rows = {(r["problem_id"], r["sample_idx"]): r for r in grade_benchmark(benchmark, samples, grader)}
+        rows = {(r["prompt_id"], r["sample_idx"]): r for r in grade_benchmark(benchmark, samples, grader)}
     assert rows["a", 0]["correct"] is True and rows["a", 0]["extracted"] == "5" and not rows["a", 0]["truncated"]
     assert rows["a", 1]["correct"] is False and rows["a", 1]["extracted"] is None and rows["a", 1]["truncated"]
     assert rows["a", 1]["reason"] == "unclosed_reasoning"

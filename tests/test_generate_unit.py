@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
+from cot_distill.config import DataSection, load_recipe
 from cot_distill.data import load_prompts
 from cot_distill.generate import build_requests
 from cot_distill.reasoning import split_reasoning
-from cot_distill.recipe import DataSection, load_recipe
 from cot_distill.records import RecordError
 from cot_distill.teachers.openai_compat import EndpointPool, TransientError, parse_completion
 

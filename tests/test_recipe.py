@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from cot_distill.config import RecipeError, load_recipe
 from cot_distill.prompts import PromptTemplateError, load_template
-from cot_distill.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cot_distill.recipe import LaunchSection
+from cot_distill.config import LaunchSection
 from cot_distill.teachers import serve
 
 
@@ -71,12 +71,12 @@ def test_a_dead_server_is_started_again(slot, tmp_path):
 
 @pytest.mark.parametrize("top_p, noted", [(0.95, True), (1.0, False)])
 def test_top_p_below_one_on_vllm_cpu_gets_a_speed_note(monkeypatch, capsys, top_p, noted):
-    from cot_distill.recipe import Recipe
+    from cot_distill.config import Recipe
 
     monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)
     recipe = Recipe.model_validate({"teacher": {"model": "m", "base_urls": ["http://127.0.0.1:1/v1"]},
                                     "data": {"prompts": "p.jsonl"}, "generate": {"sampling": {"top_p": top_p}}})
-    serve.check_cpu_sampling(recipe)
+    serve.check_cpu_sampling(recipe.generate.sampling)
     assert ("top_p 1.0 with extra_body {min_p: 0.05}" in capsys.readouterr().err) is noted
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cot_distill.train_config import TrainSection
+from cot_distill.config.train import TrainSection
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))

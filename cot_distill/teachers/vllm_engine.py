@@ -8,10 +8,13 @@ must sit under `if __name__ == "__main__":` (the cot-distill console script does
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
+from cot_distill.assets import resolve_model_path
+from cot_distill.config import SamplingSection, TeacherSection
 from cot_distill.reasoning import split_reasoning
 from cot_distill.teachers.openai_compat import Completion
+from cot_distill.teachers.serve import check_cpu_sampling
 
 CHAT_KWARGS = {"chat_template_kwargs"}  # extra_body keys that go to llm.chat(), not to SamplingParams
 
@@ -42,20 +45,22 @@ def to_completion(output) -> Completion:
     )
 
 
-def run_in_process(recipe, pending, template_hash, samples, failures, progress, engine_seed=None) -> None:
+def run_in_process(teacher: TeacherSection, sampling: SamplingSection, concurrency: int, pending: list,
+                   on_sample: Callable[..., None], engine_seed: int | None = None,
+                   on_engine_ready: Callable[[], None] | None = None) -> None:
+    """Run `pending` SampleRequests on an in-process engine. Each completion goes back through
+    `on_sample(request, completion, latency_s, attempts, endpoint)`; the caller builds and writes the record."""
     from vllm import LLM
 
-    from cot_distill.generate import make_sample
-    from cot_distill.teachers.serve import check_cpu_sampling, resolve_model_path
-
-    check_cpu_sampling(recipe)
+    check_cpu_sampling(sampling)
     # engine_seed: see generate.resume_seed; a seed in engine_kwargs was chosen on purpose and wins.
     engine_kwargs = {"dtype": "bfloat16", **({"seed": engine_seed} if engine_seed is not None else {}),
-                     **recipe.teacher.engine_kwargs}
-    llm = LLM(model=resolve_model_path(recipe.teacher.model), **engine_kwargs)
-    progress.restart_clock()  # tok/s measures generation, not model loading
-    chat_kwargs = {k: v for k, v in (recipe.generate.sampling.extra_body or {}).items() if k in CHAT_KWARGS}
-    chunk_size = max(recipe.generate.concurrency, 1)
+                     **teacher.engine_kwargs}
+    llm = LLM(model=resolve_model_path(teacher.model), **engine_kwargs)
+    if on_engine_ready is not None:
+        on_engine_ready()
+    chat_kwargs = {k: v for k, v in (sampling.extra_body or {}).items() if k in CHAT_KWARGS}
+    chunk_size = max(concurrency, 1)
     for start in range(0, len(pending), chunk_size):
         chunk = pending[start:start + chunk_size]
         started = time.monotonic()
@@ -64,7 +69,4 @@ def run_in_process(recipe, pending, template_hash, samples, failures, progress, 
         # Latency of an offline batch is the batch's wall time: the engine does not time single requests.
         latency = time.monotonic() - started
         for request, output in zip(chunk, outputs):
-            completion = to_completion(output)
-            samples.write(make_sample(request, completion, recipe.teacher.model, template_hash, latency, 1, None))
-            progress.record_sample(completion)
-        progress.maybe_report(force=True)
+            on_sample(request, to_completion(output), latency, 1, None)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cot_distill.config import DataSection, FieldMap
+from cot_distill.config.eval import BUILTIN_BENCHMARKS, LocalBenchmark
 from cot_distill.data import load_prompts, rows_to_prompts
-from cot_distill.eval_config import BUILTIN_BENCHMARKS, LocalBenchmark
-from cot_distill.recipe import DataSection, FieldMap
 from cot_distill.records import Prompt, RecordError, read_json
 
 

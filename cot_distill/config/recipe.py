@@ -1,0 +1,99 @@
+"""The recipe: one typed YAML document that drives every stage.
+
+Unknown keys and wrong types are errors that name the YAML path and line of the offending key, e.g.
+`recipes/x.yaml:12: generate.concurrency: Input should be a valid integer`. CLI overrides use the same paths:
+`--set generate.concurrency=64` (the value is parsed as YAML, so `--set generate.sampling.stop=[a,b]` works).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, model_validator
+
+from cot_distill.config.base import RecipeError, Strict, apply_override, format_errors, key_lines
+from cot_distill.config.curate import CurateSection
+from cot_distill.config.eval import EvalSection
+from cot_distill.config.generate import DataSection, GenerateSection, TeacherSection
+from cot_distill.config.train import TrainSection
+
+
+class Recipe(Strict):
+    name: str = "cot-distill"
+    teacher: TeacherSection
+    data: DataSection
+    generate: GenerateSection = GenerateSection()
+    curate: CurateSection = CurateSection()
+    train: TrainSection | None = None  # absent: the recipe has no train stage
+    # More students trained on the same curated data, each the `train` section with these keys replaced, e.g.
+    # {kd: {method: kd, output_dir: runs/demo/train-kd}}; `cot-distill run` trains, evaluates and compares them
+    # next to the main student (as student_<name>).
+    ablations: dict[str, dict[str, Any]] = {}
+    eval: EvalSection = EvalSection()
+    report: str | None = None  # where `cot-distill run` writes report.json; None: next to eval.output_dir
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "Recipe":
+        if self.teacher.backend == "openai" and not self.teacher.base_urls:
+            raise ValueError("teacher.base_urls must list at least one endpoint for the openai backend")
+        return self
+
+    @model_validator(mode="after")
+    def _ablations_are_trainable(self) -> "Recipe":
+        if self.ablations and self.train is None:
+            raise ValueError("ablations vary the train section: add one")
+        output_dirs = [self.train.output_dir] if self.train else []
+        for name, changes in self.ablations.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"ablations.{name}: use letters, digits, '_' and '-' (it names an eval folder)")
+            variant = self.ablation_train(name)  # raises with the offending key
+            if variant.output_dir in output_dirs:
+                raise ValueError(f"ablations.{name}.output_dir: set one of its own (it would overwrite "
+                                 f"{variant.output_dir})")
+            output_dirs.append(variant.output_dir)
+        return self
+
+    def ablation_train(self, name: str) -> TrainSection:
+        """The train section of ablation `name`: the main one with the ablation's keys replaced."""
+        merged = {**self.train.model_dump(exclude_unset=True), **self.ablations[name]}
+        try:
+            return TrainSection.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"ablations.{name}.{where}: {first['msg']}") from None
+
+    def report_path(self) -> Path:
+        return Path(self.report) if self.report else Path(self.eval.output_dir).parent / "report.json"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text)
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(doc).__name__}")
+    overridden = set()
+    for assignment in overrides or []:
+        apply_override(doc, assignment)
+        overridden.add(tuple(assignment.split("=", 1)[0].strip().split(".")))
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as exc:
+        lines = key_lines(node) if node is not None else {}
+        raise RecipeError(format_errors(exc, str(path), lines, overridden)) from None
+
+
+def recipe_snapshot(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as stored in manifests: plain JSON, secrets never included (only env var names)."""
+    return recipe.model_dump(mode="json")

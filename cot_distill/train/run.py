@@ -1,0 +1,167 @@
+"""The train stage's entries.
+
+run_train(cfg, recipe_snapshot): resolve -> write the resolved config -> load the student -> tokenize with an explicit
+assistant mask -> train (continuing from the newest checkpoint) -> save model, tokenizer, chat template,
+generation_config -> manifest.json last. `python -m cot_distill.train TRAIN_SECTION.yaml` runs the same function, so
+`accelerate launch ... -m cot_distill.train ...` trains on many devices unchanged. run(recipe, *, slot=None) is the
+uniform stage entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trl import SFTConfig
+
+from cot_distill.config import Recipe, recipe_snapshot
+from cot_distill.config.train import TrainSection
+from cot_distill.records import MANIFEST, invalidate_manifest, write_json_atomic, write_manifest
+from cot_distill.train.masking import (
+    TrainError,
+    find_end_of_turn,
+    load_conversations,
+    resolve_chat_template,
+    tokenize_conversations,
+)
+from cot_distill.train.setup import (
+    build_sft_config,
+    checkpoint_dtype,
+    ensure_chatml_tokens,
+    load_student,
+    load_teacher,
+    lora_config,
+    merge_adapter,
+    newest_complete_checkpoint,
+    on_accelerator,
+    prepare_student,
+    set_stop_tokens,
+    tune_cpu_allocator,
+    wants_allocator_tuning,
+)
+from cot_distill.train.trainer import DistillSFTTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def _output_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST
+                  and not p.relative_to(folder).parts[0].startswith(("checkpoint-", "student_init")))
+
+
+def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: list | None = None) -> Path:
+    """Train cfg's student on cfg.dataset; returns OUTPUT_DIR, which holds the model (or adapter, and with merge a
+    merged model in OUTPUT_DIR/merged) and, written last, manifest.json. `callbacks`: extra transformers
+    TrainerCallbacks (progress reporting, benchmarks, tests)."""
+    if cfg.dataset is None:
+        raise TrainError("train.dataset is not set")
+    if not Path(cfg.dataset).exists():  # before the student loads: a wrong path must fail in a second
+        raise TrainError(f"training data {cfg.dataset} does not exist: run `cot-distill curate` first, or set "
+                         f"train.dataset")
+    output_dir = Path(cfg.output_dir)
+    sft_args = build_sft_config(cfg)
+    is_main = sft_args.process_index == 0
+    if wants_allocator_tuning(cfg) and sft_args.use_cpu:
+        tune_cpu_allocator()
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        invalidate_manifest(output_dir)
+        resolved = {"train": cfg.model_dump(mode="json"), "sft_config": sft_args.to_dict()}
+        write_json_atomic(output_dir / "train_config.resolved.json", resolved)
+        logger.info("train config: %s", resolved["train"])
+
+    student_path = prepare_student(cfg, sft_args)
+    model, tokenizer = load_student(cfg, student_path)
+    save_dtype = checkpoint_dtype(cfg, student_path)
+    train_template, saved_template = resolve_chat_template(tokenizer, cfg)
+    ensure_chatml_tokens(model, tokenizer, train_template, lora=cfg.lora is not None)
+    end_of_turn = find_end_of_turn(tokenizer, train_template, cfg.assistant_mask)
+    # Loaded before the data so that a wrong teacher fails in seconds; after ensure_chatml_tokens, which may grow
+    # the student's vocabulary.
+    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if cfg.method == "kd" else (None, None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss; any id works
+    tokenizer.chat_template = saved_template
+    stop_ids = set_stop_tokens(model, tokenizer, end_of_turn)
+
+    conversations = load_conversations(cfg.dataset)
+    if cfg.max_examples is not None:
+        conversations = conversations.select(range(min(cfg.max_examples, len(conversations))))
+    # Every rank tokenizes for itself, in memory: nothing is written next to the curated dataset.
+    max_length = cfg.sft.get("max_length", SFTConfig.max_length)
+    train_dataset = tokenize_conversations(conversations, tokenizer, train_template, cfg, end_of_turn, max_length,
+                                           sft_args.dataset_num_proc)
+    if len(train_dataset) == 0:
+        raise TrainError(f"{cfg.dataset}: no example fits max_length {max_length}")
+
+    loss_head = cfg.loss_head if cfg.loss_head != "auto" else ("fused" if on_accelerator() else "compact")
+    loss_head = "compact" if teacher is not None else loss_head  # kd's chunked loss runs on the compact head
+    trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, processing_class=tokenizer,
+                                peft_config=lora_config(cfg), loss_head=loss_head, token_metrics=cfg.token_metrics,
+                                callbacks=callbacks, teacher=teacher, kd=cfg.kd)
+    resume_from = newest_complete_checkpoint(cfg.output_dir) if cfg.resume else None
+    if resume_from:
+        logger.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled  # these save in their own (16-bit) format
+    if cfg.lora is None and save_dtype is not None and not sharded:
+        trainer.accelerator.unwrap_model(trainer.model).to(save_dtype)  # training is over: master weights served
+    trainer.save_model(str(output_dir))  # every rank: ZeRO-3 / FSDP gather the weights collectively
+
+    if is_main:  # save_model wrote the tokenizer (chat template included); adapters come without generation_config
+        trainer.accelerator.unwrap_model(trainer.model).generation_config.save_pretrained(str(output_dir))
+        model_dir = output_dir if cfg.lora is None else None
+        if cfg.merge:
+            model_dir = merge_adapter(output_dir, output_dir / "merged")
+        extra = {"model_dir": str(model_dir) if model_dir else None, "adapter": cfg.lora is not None,
+                 "student": student_path, "resumed_from": resume_from, "train_loss": result.training_loss,
+                 "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
+                 "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size}
+        if teacher is not None:  # sft manifests keep their keys
+            extra.update(method="kd", teacher=teacher_path)
+        write_manifest(
+            output_dir, stage="train", recipe=recipe_snapshot, files=_output_files(output_dir),
+            counts={"examples": len(conversations), "trained_examples": len(train_dataset),
+                    "global_step": trainer.state.global_step},
+            extra=extra,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def load_train_section(path: str | Path) -> TrainSection:
+    """A TrainSection from a YAML/JSON file holding just the train section (or a full recipe with a `train` key)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
+    if isinstance(data, dict) and "train" in data and "output_dir" not in data:
+        data = data["train"]
+    return TrainSection.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m cot_distill.train TRAIN_SECTION.{yaml,json}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_train_section(argv[0])
+    run_train(cfg, recipe_snapshot={"train": cfg.model_dump(mode="json")})
+    print(f"cot_distill.train: rank {os.environ.get('RANK', '0')} done", flush=True)  # launchers' logs show each rank
+
+
+def run(recipe: Recipe, *, slot=None) -> Path:
+    """The uniform stage entry: train `recipe.train` (its dataset defaults to the curate stage's) and return its
+    output folder. `slot` (a teachers.serve.ServerSlot elsewhere) is accepted for the signature all stages share
+    and unused: training launches no server."""
+    from cot_distill.curate import DATASET_DIR  # here: importing train must not import the curate stage
+
+    if recipe.train is None:
+        raise TrainError("the recipe has no train section")
+    cfg = recipe.train
+    if cfg.dataset is None:
+        cfg = cfg.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
+    return run_train(cfg, recipe_snapshot(recipe))
