@@ -28,7 +28,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Column
 
 if TYPE_CHECKING:
-    from cot_distill.teachers.openai_compat import Completion
+    from cot_distill.records import Completion
 
 PLAIN_PROGRESS_ENV = "COT_DISTILL_PLAIN_PROGRESS"
 

@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,6 +63,30 @@ class Sample(BaseModel):
     endpoint: str | None = None
     error: str | None = None
     created_at: str
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One completion to ask a teacher for: a prompt's rendered messages, its sampling parameters, its ledger key."""
+
+    prompt_id: str
+    sample_idx: int
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+    key: str
+
+
+@dataclass
+class Completion:
+    """What a teacher backend hands back for one request; generate turns it into a Sample."""
+
+    text: str
+    reasoning: str | None
+    content: str
+    reasoning_closed: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def utc_now() -> str:

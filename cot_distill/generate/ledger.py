@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cot_distill.generate.requests import SampleRequest
-from cot_distill.records import Sample, Usage, iter_jsonl, repair_torn_tail, utc_now
-from cot_distill.teachers.openai_compat import Completion
+from cot_distill.records import Completion, Sample, SampleRequest, Usage, iter_jsonl, repair_torn_tail, utc_now
 
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "failures.jsonl"

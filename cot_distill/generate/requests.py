@@ -7,22 +7,12 @@ fast a sample is made, not what it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 from cot_distill.config import GenerateSection, Recipe, SamplingSection, TeacherSection
 from cot_distill.data import load_prompts
 from cot_distill.prompts import PromptTemplate, load_template
-from cot_distill.records import Prompt, stable_hash
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    prompt_id: str
-    sample_idx: int
-    messages: list[dict[str, str]]
-    params: dict[str, Any]
-    key: str
+from cot_distill.records import Prompt, SampleRequest, stable_hash
 
 
 def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from cot_distill.reasoning import join_reasoning, split_reasoning
+from cot_distill.records import Completion
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -30,17 +31,6 @@ class PermanentError(Exception):
 
 class AllEndpointsDown(RuntimeError):
     pass
-
-
-@dataclass
-class Completion:
-    text: str
-    reasoning: str | None
-    content: str
-    reasoning_closed: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from cot_distill.assets import resolve_model_path
 from cot_distill.config import SamplingSection, TeacherSection
 from cot_distill.reasoning import split_reasoning
-from cot_distill.teachers.openai_compat import Completion
+from cot_distill.records import Completion
 from cot_distill.teachers.serve import check_cpu_sampling
 
 CHAT_KWARGS = {"chat_template_kwargs"}  # extra_body keys that go to llm.chat(), not to SamplingParams

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from cot_distill.config import GenerateSection, TeacherSection
 from cot_distill.errors import UserError
+from cot_distill.records import Completion
 from cot_distill.teachers.openai_compat import (
     AllEndpointsDown,
-    Completion,
     EndpointPool,
     OpenAICompatClient,
     PermanentError,
