@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonlines
 from pydantic import BaseModel, ConfigDict
 
 from cot_distill.errors import UserError
@@ -129,6 +130,33 @@ def repair_torn_tail(path: Path) -> int:
         return size - keep
 
 
+# jsonlines.Writer.write() calls fp.write(line) and then fp.write("\n"): two writes per record (jsonlines 4.0.0's
+# source). For a line over the 8 KiB io buffer (a Sample is ~9 KiB) that means two OS writes (measured with a
+# counting FileIO): a crash between them leaves a parseable record with no newline, which a reader yields and the
+# next JsonlWriter then cuts off as a torn tail. So jsonlines writes into this sink, which joins the pieces and
+# hands line + "\n" to the real handle in a single write() when jsonlines calls flush() (flush=True: per record).
+class _OneWritePerLine:
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        if text:
+            self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._parts:
+            line = "".join(self._parts)
+            self._parts.clear()
+            self._handle.write(line)
+        self._handle.flush()
+
+
+# Same output as json.dumps(data, ensure_ascii=False), without building a new encoder per call.
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
 class JsonlWriter:
     """Append-only JSONL writer: one line per record, flushed at once, fsynced every `fsync_every` lines."""
 
@@ -137,13 +165,13 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.repaired_bytes = repair_torn_tail(self.path)
         self._handle = open(self.path, "a", encoding="utf-8")
+        self._writer = jsonlines.Writer(_OneWritePerLine(self._handle), dumps=_dumps, flush=True)
         self._fsync_every = fsync_every
         self._unsynced = 0
 
     def write(self, record: BaseModel | dict[str, Any]) -> None:
         data = record.model_dump() if isinstance(record, BaseModel) else record
-        self._handle.write(json.dumps(data, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        self._writer.write(data)  # one handle.write(line + "\n") and a flush, through _OneWritePerLine
         self._unsynced += 1
         if self._unsynced >= self._fsync_every:
             self.sync()
@@ -154,6 +182,8 @@ class JsonlWriter:
         self._unsynced = 0
 
     def close(self) -> None:
+        # The jsonlines.Writer is left open on purpose: it owns nothing (the handle is ours), and a write() after
+        # close() then fails as before, with the closed file's ValueError rather than jsonlines' RuntimeError.
         if not self._handle.closed:
             self.sync()
             self._handle.close()
@@ -168,22 +198,60 @@ class JsonlWriter:
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, object) for each line. A malformed line raises RecordError naming file and line,
     except a torn final line (no trailing newline), which is skipped when tolerate_torn_tail is set."""
+    # jsonlines.Reader (4.0.0) over the binary file, driven by read() rather than its iter(), which ends for good
+    # at the first error and adds a generator layer per line. skip_empty drops blank lines; allow_none lets a
+    # `null` line reach our "expected a JSON object" check. The small generator in front of it counts physical
+    # lines (the same count as the Reader's own enumerate(), blank lines included, which the Reader exposes only
+    # on errors) and keeps the raw bytes of the current line: InvalidLineError.line is rstripped, so it cannot
+    # tell a torn tail (no newline) from a bad line. Where the Reader and the old json.loads(bytes) differ --
+    # it rejects the surrogate code points that json.loads' "surrogatepass" decoding lets through, and strips a
+    # leading "\x1e" (RFC 7464) that json.loads rejects -- the raw line is parsed again with json.loads, so the
+    # lines accepted and the error texts are the same as before.
+    # Cost (/tmp/bench_ledger.py: 100k Sample-like lines of ~9.5 KB, 948 MB, 3 rounds, old and new back to back):
+    # median CPU 5.37 s vs 5.40 s for the old json.loads loop (ratio 0.995; wall 0.93 on a shared 2-core box);
+    # 300k ~60-byte lines: 1.97 s vs 2.15 s CPU. json.loads(str) after the Reader's strict decode costs the same
+    # as json.loads(bytes), whose encoding sniffing the old loop paid per line; the extra per-line Python is small.
     path = Path(path)
     with open(path, "rb") as handle:
-        line_no = 0
-        for raw in handle:
-            line_no += 1
-            if not raw.strip():
-                continue
+        state: list[Any] = [0, b""]  # physical line number, raw bytes of that line
+
+        def physical_lines() -> Iterator[bytes]:
+            for line_no, raw in enumerate(handle, 1):
+                state[0] = line_no
+                state[1] = raw
+                yield raw
+
+        read = jsonlines.Reader(physical_lines(), loads=json.loads).read
+        while True:
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                if tolerate_torn_tail and not raw.endswith(b"\n"):
+                obj = read(allow_none=True, skip_empty=True)
+            except EOFError:
+                return
+            except jsonlines.InvalidLineError:
+                obj = _reparse(path, state[0], state[1], tolerate_torn_tail)
+                if obj is _TORN:
                     return
-                raise RecordError(f"{path}:{line_no}: not valid JSON ({exc})") from None
+            else:
+                if state[1][:1] == b"\x1e":
+                    obj = _reparse(path, state[0], state[1], tolerate_torn_tail)
+                    if obj is _TORN:
+                        return
             if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
+                raise RecordError(f"{path}:{state[0]}: expected a JSON object, got {type(obj).__name__}")
+            yield state[0], obj
+
+
+_TORN = object()
+
+
+def _reparse(path: Path, line_no: int, raw: bytes, tolerate_torn_tail: bool) -> Any:
+    """The reference rule for one physical line: json.loads of its bytes; _TORN for a skippable torn tail."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if tolerate_torn_tail and not raw.endswith(b"\n"):
+            return _TORN
+        raise RecordError(f"{path}:{line_no}: not valid JSON ({exc})") from None
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
