@@ -129,7 +129,7 @@ def build_corpus(folder: Path, n: int, per_prompt: int, seed: int) -> Path:
     if (folder / ".complete").exists():
         return recipe_path
     from cot_distill.config import Recipe
-    from cot_distill.generate import sampling_params
+    from cot_distill.generate import params_for
     from cot_distill.prompts import load_template
     from cot_distill.records import write_manifest
 
@@ -139,7 +139,7 @@ def build_corpus(folder: Path, n: int, per_prompt: int, seed: int) -> Path:
            "generate": {"output_dir": str(folder / "gen"), "samples_per_prompt": per_prompt},
            "curate": {"output_dir": str(folder / "curated"), "length": {"max_tokens": 16384}}}
     recipe = Recipe.model_validate(doc)
-    params = [sampling_params(recipe, idx) for idx in range(per_prompt)]
+    params = [params_for(recipe.generate.sampling, idx) for idx in range(per_prompt)]
     template_hash = load_template(recipe.generate.prompt_template).hash
     rng = random.Random(seed)
     pool, golds, questions = sentence_pool(rng), gold_answers(), benchmark_questions()

@@ -14,7 +14,7 @@ from cot_distill.config import RecipeError, load_recipe
 from cot_distill.config.curate import CurateSection, RepetitionFilter
 from cot_distill.curate import CurateError, repetition_coverage, run_curate
 from cot_distill.dedup import word_hashes
-from cot_distill.generate import sampling_params
+from cot_distill.generate import params_for
 from cot_distill.prompts import load_template
 from cot_distill.records import RecordError, Sample, Usage, write_manifest
 
@@ -59,7 +59,7 @@ def sample(recipe, prompt_id: str, idx: int, think: str | None, content: str, *,
         text = content if think is None else f"<think>{think}</think>{content}" if closed else f"<think>{think}"
     record = Sample(
         prompt_id=prompt_id, sample_idx=idx, request_key=f"{prompt_id}-{idx}", teacher=recipe.teacher.model,
-        params=sampling_params(recipe, idx), template_hash=load_template(recipe.generate.prompt_template).hash,
+        params=params_for(recipe.generate.sampling, idx), template_hash=load_template(recipe.generate.prompt_template).hash,
         reasoning=think, content=content, text=text, reasoning_closed=closed, finish_reason=finish,
         usage=Usage(prompt_tokens=20, completion_tokens=tokens), latency_s=1.0, attempts=1,
         created_at="2025-01-01T00:00:00+00:00",

@@ -21,7 +21,7 @@ from cot_distill.curate.report import FilterTally, RunRecord
 from cot_distill.decontam import Decontaminator
 from cot_distill.dedup import NearDupIndex
 from cot_distill.errors import UserError
-from cot_distill.generate import sampling_params
+from cot_distill.generate import params_for
 from cot_distill.grading import Grader
 from cot_distill.records import Prompt, Sample
 
@@ -44,7 +44,7 @@ class InputCheck:
 
     def __init__(self, recipe: Recipe, template_hash: str, enabled: bool) -> None:
         self.teacher, self.template_hash, self.enabled = recipe.teacher.model, template_hash, enabled
-        self.params = [sampling_params(recipe, index) for index in range(recipe.generate.samples_per_prompt)]
+        self.params = [params_for(recipe.generate.sampling, index) for index in range(recipe.generate.samples_per_prompt)]
 
     def reason(self, sample: Sample, prompt: Prompt | None) -> str | None:
         if prompt is None:

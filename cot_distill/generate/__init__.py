@@ -20,12 +20,11 @@ from cot_distill.generate.requests import (
                                          params_for,
                                          plan_requests,
                                          request_key,
-                                         sampling_params,
 )
 from cot_distill.generate.run import GenerateError, generate_samples, resume_seed, run, run_generate
 
 __all__ = [
     "FAILURES_FILE", "SAMPLES_FILE", "STATS_FILE", "GenerateError", "SampleRequest", "build_requests", "done_keys",
     "failure_record", "generate_samples", "make_sample", "params_for", "plan_requests", "request_key",
-    "resume_seed", "run", "run_generate", "sampling_params", "summarize_ledger",
+    "resume_seed", "run", "run_generate", "summarize_ledger",
 ]

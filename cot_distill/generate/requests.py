@@ -23,10 +23,6 @@ def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:
     return params
 
 
-def sampling_params(recipe: Recipe, sample_idx: int) -> dict[str, Any]:
-    return params_for(recipe.generate.sampling, sample_idx)
-
-
 def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params: dict[str, Any],
                 template_hash: str, sample_idx: int) -> str:
     return stable_hash({
