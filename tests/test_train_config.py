@@ -134,3 +134,15 @@ def test_accelerate_configs_cover_ddp_zero2_zero3_fsdp():
             kind += str(config.deepspeed_config["zero_stage"])
         kinds[kind] = path.name
     assert {"MULTI_GPU", "DEEPSPEED2", "DEEPSPEED3", "FSDP"} <= set(kinds), kinds
+
+
+@pytest.mark.parametrize("value", [True, False, "force"])
+def test_resume_is_true_false_or_force(value):
+    cfg = TrainSection(student="m", output_dir="o", resume=value)
+    assert cfg.resume == value and TrainSection.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+@pytest.mark.parametrize("value", ["forced", "yes", "true", 1, None])
+def test_resume_rejects_anything_else(value):
+    with pytest.raises(ValidationError, match=r'train.resume must be true, false or "force"'):
+        TrainSection(student="m", output_dir="o", resume=value)

@@ -179,3 +179,110 @@ def test_loss_paths_agree_with_trls_own_loss(tmp_path):
         with torch.no_grad():
             losses[name] = float(trainer.compute_loss(trainer.model, dict(batch)))
     assert len({round(value, 4) for value in losses.values()}) == 1, losses
+
+
+# ------------------------------------------------------------------ resuming only checkpoints of the same inputs
+
+TWO_STEPS = {**QUICK, "max_steps": 2, "save_strategy": "steps", "save_steps": 2}  # checkpoint-2 is at max_steps
+
+
+def two_step_run(tmp_path, capsys, student, data, *, callbacks=(), **changes):
+    """run_train for 2 steps into tmp_path/out; returns (manifest, first step trained or None, [train] lines)."""
+    _, FirstStep = make_callbacks()
+    first = FirstStep()
+    settings = {"student": str(student), "dataset": str(data), "output_dir": str(tmp_path / "out"),
+                "sft": TWO_STEPS, **IN_PROCESS, **changes}
+    cfg = TrainSection.model_validate(settings)
+    capsys.readouterr()
+    out = run_train(cfg, {}, callbacks=[first, *callbacks])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[train]")]
+    return read_manifest(out), first.first_step, lines
+
+
+def recorded_learning_rate(checkpoint: Path) -> float:
+    return json.loads((checkpoint / "inputs_fingerprint.json").read_text())["config"]["sft"]["learning_rate"]
+
+
+def test_fingerprint_parts_name_what_changed(tmp_path):
+    from cot_distill.train import fingerprint_changes, inputs_fingerprint
+
+    student = make_tiny_student(tmp_path / "student")
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)
+    base = TrainSection(student=str(student), dataset=str(data), output_dir=str(tmp_path / "out"), sft=TWO_STEPS)
+    before = inputs_fingerprint(base, str(student))
+
+    def changed(**update):
+        return fingerprint_changes(before, inputs_fingerprint(base.model_copy(update=update), str(student)))
+
+    # where and how the run reports is not an input; where the data and the student live is not either
+    moved_data = tmp_path / "moved.jsonl"
+    moved_data.write_bytes(data.read_bytes())
+    assert changed(sft={**TWO_STEPS, "logging_steps": 5, "save_steps": 1, "report_to": "none"},
+                   output_dir="elsewhere", resume="force", dataset=str(moved_data), merge=False) == []
+    assert changed(sft={**TWO_STEPS, "learning_rate": 5e-4, "warmup_steps": 1}, max_examples=2) == [
+        "config: max_examples, sft.learning_rate, sft.warmup_steps"]
+    with open(data, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"messages": toy_conversation(6, 1)}) + "\n")
+    assert changed() == ["data"]
+    make_tiny_student(tmp_path / "student", seed=1)  # other weights in the same folder
+    assert changed(sft={**TWO_STEPS, "learning_rate": 5e-4}) == ["student", "config: sft.learning_rate", "data"]
+
+
+def test_changed_learning_rate_trains_fresh_and_keeps_the_old_checkpoint(tmp_path, capsys):
+    student = make_tiny_student(tmp_path / "student")
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)  # 4 rows: one step per epoch
+    out, stale = tmp_path / "out", tmp_path / "out" / "stale-checkpoints"
+    first_run, _, _ = two_step_run(tmp_path, capsys, student, data)
+    assert first_run["counts"]["global_step"] == 2 and (out / "checkpoint-2" / "trainer_state.json").exists()
+
+    changed_lr = {"sft": {**TWO_STEPS, "learning_rate": 2e-3}}
+    manifest, first_step, lines = two_step_run(tmp_path, capsys, student, data, **changed_lr)
+    # Trained again from step 1, not "resumed" at max_steps into a manifest over the old model.
+    assert manifest["resumed_from"] is None and first_step == 1 and manifest["counts"]["global_step"] == 2
+    assert manifest["inputs_fingerprint"] != first_run["inputs_fingerprint"]
+    assert len(lines) == 1 and "checkpoint-2" in lines[0] and "(config: sft.learning_rate)" in lines[0], lines
+    assert "starting fresh" in lines[0] and str(stale) in lines[0]
+    assert recorded_learning_rate(stale / "checkpoint-2") == 1e-3  # the old run's checkpoint, kept whole
+    assert (stale / "checkpoint-2" / "trainer_state.json").exists()
+    assert recorded_learning_rate(out / "checkpoint-2") == 2e-3  # the new run's own
+    assert not any(name.startswith("stale-checkpoints") for name in manifest["files"])
+
+    # Same inputs (logging and checkpoint rotation are not inputs): the finished checkpoint is resumed.
+    same = {"sft": {**TWO_STEPS, "learning_rate": 2e-3, "logging_steps": 2, "save_total_limit": 3}}
+    manifest, first_step, lines = two_step_run(tmp_path, capsys, student, data, **same)
+    assert manifest["resumed_from"] == str(out / "checkpoint-2") and first_step is None and lines == []
+    assert manifest["counts"]["global_step"] == 2 and sorted(p.name for p in stale.iterdir()) == ["checkpoint-2"]
+
+
+def test_changed_data_trains_fresh_and_old_checkpoints_never_collide(tmp_path, capsys):
+    student = make_tiny_student(tmp_path / "student")
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)
+    out, stale = tmp_path / "out", tmp_path / "out" / "stale-checkpoints"
+    two_step_run(tmp_path, capsys, student, data)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[0].replace("add 3 and 4", "3 plus 4"), *rows[1:]]) + "\n")
+
+    manifest, first_step, lines = two_step_run(tmp_path, capsys, student, data)
+    assert manifest["resumed_from"] is None and first_step == 1
+    assert len(lines) == 1 and "(data)" in lines[0], lines
+    assert (stale / "checkpoint-2" / "inputs_fingerprint.json").exists()
+
+    # A checkpoint from before checkpoints recorded their inputs is not trusted either; its name is taken in
+    # stale-checkpoints/, so it moves in under another.
+    (out / "checkpoint-2" / "inputs_fingerprint.json").unlink()
+    manifest, first_step, lines = two_step_run(tmp_path, capsys, student, data)
+    assert manifest["resumed_from"] is None and first_step == 1
+    assert len(lines) == 1 and "no inputs_fingerprint.json" in lines[0] and "checkpoint-2.1" in lines[0], lines
+    assert sorted(p.name for p in stale.iterdir()) == ["checkpoint-2", "checkpoint-2.1"]
+
+
+def test_resume_force_continues_a_checkpoint_of_other_inputs(tmp_path, capsys):
+    student = make_tiny_student(tmp_path / "student")
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)
+    two_step_run(tmp_path, capsys, student, data)
+
+    manifest, first_step, lines = two_step_run(tmp_path, capsys, student, data, resume="force",
+                                               sft={**TWO_STEPS, "learning_rate": 2e-3})
+    assert manifest["resumed_from"] == str(tmp_path / "out" / "checkpoint-2") and first_step is None
+    assert len(lines) == 1 and "warning" in lines[0] and "sft.learning_rate" in lines[0], lines
+    assert not (tmp_path / "out" / "stale-checkpoints").exists()

@@ -109,7 +109,10 @@ class TrainSection(Strict):
     # "auto": compact on CPU, fused elsewhere.
     loss_head: Literal["auto", "compact", "fused"] = "auto"
     token_metrics: bool = False  # TRL's per-step entropy / token-accuracy logging (costs a pass over the vocabulary)
-    resume: bool = True  # continue from the newest OUTPUT_DIR/checkpoint-* if there is one
+    # True: continue from the newest complete OUTPUT_DIR/checkpoint-N when it was made from the same student, data
+    # and training settings; one made from other inputs moves to OUTPUT_DIR/stale-checkpoints/ and training starts
+    # fresh. "force": continue from the newest one whatever made it. False: always start fresh.
+    resume: bool | Literal["force"] = True
 
     @model_validator(mode="after")
     def _one_student_source(self) -> "TrainSection":
@@ -146,6 +149,15 @@ class TrainSection(Strict):
         if self.kd is None:
             data.pop("kd", None)
         return data
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, value: Any) -> Any:
+        # Before pydantic's bool parsing, which would take "yes", "off" or 1 as booleans and report a typo such as
+        # "forced" as two errors.
+        if isinstance(value, bool) or value == "force":
+            return value
+        raise ValueError(f"train.resume must be true, false or \"force\", not {value!r}")
 
     @field_validator("sft")
     @classmethod

@@ -3,7 +3,8 @@ logits on the same tokens (method kd).
 
     masking       curated rows -> token ids, labels on exactly the assistant's reply (chat template, end of turn)
     trainer       DistillSFTTrainer: TRL's SFTTrainer with a compact LM head, and the kd loss
-    setup         TRL's config, student and teacher loading, LoRA, checkpoints, stop tokens, merging
+    setup         TRL's config, student and teacher loading, LoRA, checkpoints (resumed only when made from the
+                  same inputs: inputs_fingerprint), stop tokens, merging
     student_init  a student built from a teacher's own layers (init_from)
     run           run(recipe, *, slot=None), the stage; run_train(cfg, snapshot), what `-m cot_distill.train` runs
 """
@@ -23,18 +24,28 @@ from cot_distill.train.masking import (
 )
 from cot_distill.train.run import load_train_section, main, run, run_train
 from cot_distill.train.setup import (
+    INPUTS_FINGERPRINT,
+    STALE_CHECKPOINTS,
+    InputsFingerprintCallback,
     build_sft_config,
     check_same_vocabulary,
+    checkpoint_changes,
     checkpoint_dtype,
+    checkpoint_to_resume,
+    data_fingerprint,
     ensure_chatml_tokens,
+    fingerprint_changes,
+    inputs_fingerprint,
     load_student,
     load_teacher,
     lora_config,
     merge_adapter,
+    move_stale_checkpoints,
     newest_complete_checkpoint,
     on_accelerator,
     prepare_student,
     set_stop_tokens,
+    student_fingerprint,
     tune_cpu_allocator,
     wants_allocator_tuning,
 )
@@ -49,10 +60,12 @@ from cot_distill.train.trainer import DistillSFTTrainer, add_compact_lm_head
 
 __all__ = [
     "add_compact_lm_head", "build_sft_config", "build_student_from_teacher", "CHATML_TEMPLATE", "CHATML_TOKENS",
-    "ChatTemplateError", "check_same_vocabulary", "checkpoint_dtype", "DistillSFTTrainer", "encode_conversation",
-    "ensure_chatml_tokens", "ensure_student_init", "find_end_of_turn", "IGNORE", "init_student_from_teacher",
-    "load_conversations", "load_student", "load_teacher", "load_train_section", "lora_config", "main",
-    "merge_adapter", "newest_complete_checkpoint", "normalize_messages", "on_accelerator", "prepare_student",
-    "resolve_chat_template", "resolve_kept_layers", "run", "run_train", "set_stop_tokens", "student_init_dir",
-    "tokenize_conversations", "TrainError", "tune_cpu_allocator", "wants_allocator_tuning"
+    "ChatTemplateError", "check_same_vocabulary", "checkpoint_changes", "checkpoint_dtype", "checkpoint_to_resume",
+    "data_fingerprint", "DistillSFTTrainer", "encode_conversation", "ensure_chatml_tokens", "ensure_student_init",
+    "find_end_of_turn", "fingerprint_changes", "IGNORE", "init_student_from_teacher", "INPUTS_FINGERPRINT",
+    "inputs_fingerprint", "InputsFingerprintCallback", "load_conversations", "load_student", "load_teacher",
+    "load_train_section", "lora_config", "main", "merge_adapter", "move_stale_checkpoints",
+    "newest_complete_checkpoint", "normalize_messages", "on_accelerator", "prepare_student", "resolve_chat_template",
+    "resolve_kept_layers", "run", "run_train", "set_stop_tokens", "STALE_CHECKPOINTS", "student_fingerprint",
+    "student_init_dir", "tokenize_conversations", "TrainError", "tune_cpu_allocator", "wants_allocator_tuning"
 ]

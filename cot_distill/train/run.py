@@ -1,7 +1,8 @@
 """The train stage's entries.
 
 run_train(cfg, recipe_snapshot): resolve -> write the resolved config -> load the student -> tokenize with an explicit
-assistant mask -> train (continuing from the newest checkpoint) -> save model, tokenizer, chat template,
+assistant mask -> train (continuing from the newest checkpoint, when it was made from the same inputs: see
+setup.checkpoint_to_resume) -> save model, tokenizer, chat template,
 generation_config -> manifest.json last. `python -m cot_distill.train TRAIN_SECTION.yaml` runs the same function, so
 `accelerate launch ... -m cot_distill.train ...` trains on many devices unchanged. run(recipe, *, slot=None) is the
 uniform stage entry.
@@ -28,14 +29,17 @@ from cot_distill.train.masking import (
     tokenize_conversations,
 )
 from cot_distill.train.setup import (
+    STALE_CHECKPOINTS,
+    InputsFingerprintCallback,
     build_sft_config,
     checkpoint_dtype,
+    checkpoint_to_resume,
     ensure_chatml_tokens,
+    inputs_fingerprint,
     load_student,
     load_teacher,
     lora_config,
     merge_adapter,
-    newest_complete_checkpoint,
     on_accelerator,
     prepare_student,
     set_stop_tokens,
@@ -50,7 +54,7 @@ logger = logging.getLogger(__name__)
 def _output_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.is_file() and p.name != MANIFEST
-                  and not p.relative_to(folder).parts[0].startswith(("checkpoint-", "student_init")))
+                  and not p.relative_to(folder).parts[0].startswith(("checkpoint-", "student_init", STALE_CHECKPOINTS)))
 
 
 def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: list | None = None) -> Path:
@@ -75,6 +79,10 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         logger.info("train config: %s", resolved["train"])
 
     student_path = prepare_student(cfg, sft_args)
+    fingerprint = inputs_fingerprint(cfg, student_path)
+    # The main process decides first, moving checkpoints of other inputs aside; the others then find what it left.
+    with sft_args.main_process_first(local=False, desc="checkpoint check"):
+        resume_from = checkpoint_to_resume(cfg, fingerprint, is_main=is_main)
     model, tokenizer = load_student(cfg, student_path)
     save_dtype = checkpoint_dtype(cfg, student_path)
     train_template, saved_template = resolve_chat_template(tokenizer, cfg)
@@ -102,8 +110,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     loss_head = "compact" if teacher is not None else loss_head  # kd's chunked loss runs on the compact head
     trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, processing_class=tokenizer,
                                 peft_config=lora_config(cfg), loss_head=loss_head, token_metrics=cfg.token_metrics,
-                                callbacks=callbacks, teacher=teacher, kd=cfg.kd)
-    resume_from = newest_complete_checkpoint(cfg.output_dir) if cfg.resume else None
+                                callbacks=[InputsFingerprintCallback(fingerprint), *(callbacks or [])],
+                                teacher=teacher, kd=cfg.kd)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -120,7 +128,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         extra = {"model_dir": str(model_dir) if model_dir else None, "adapter": cfg.lora is not None,
                  "student": student_path, "resumed_from": resume_from, "train_loss": result.training_loss,
                  "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
-                 "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size}
+                 "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size,
+                 "inputs_fingerprint": fingerprint["digest"]}
         if teacher is not None:  # sft manifests keep their keys
             extra.update(method="kd", teacher=teacher_path)
         write_manifest(

@@ -1,19 +1,37 @@
 """Everything training needs around the steps: TRL's config, the student and teacher, their tokens, LoRA, the
-checkpoint to resume, the stop tokens, and the merged model after."""
+checkpoint to resume (only one made from the same inputs), the stop tokens, and the merged model after."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig
 
 from cot_distill.config.train import TrainSection
+from cot_distill.records import file_sha256, read_json, stable_hash, write_json_atomic
 from cot_distill.train.masking import CHATML_TOKENS, ChatTemplateError, TrainError
 
 logger = logging.getLogger(__name__)
+
+INPUTS_FINGERPRINT = "inputs_fingerprint.json"  # in every checkpoint-N: what the checkpoint was trained from
+STALE_CHECKPOINTS = "stale-checkpoints"  # OUTPUT_DIR/stale-checkpoints/: checkpoints of other inputs, kept
+# Left out of the config part of the fingerprint: they change where or how a run reports, never the trained
+# weights, so changing them must not throw a run's checkpoints away. Top-level keys: the output folder, the resume
+# switch itself, and what is applied after the last step (merging, the dtype the final model is saved in); the
+# student and the data are their own parts (by content, not path; an init_from student by its settings).
+_NOT_TRAINING_INPUTS = {"output_dir", "resume", "merge", "save_dtype", "student", "init_from", "dataset"}
+_NOT_TRAINING_SFT_KEYS = {"logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "save_steps",
+                          "save_strategy", "save_total_limit", "report_to", "run_name", "disable_tqdm"}
+# The files of a local student that decide what is trained: architecture, weights, tokenizer.
+_STUDENT_FILES = ("config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
 
 
 def on_accelerator() -> bool:
@@ -147,15 +165,151 @@ def lora_config(cfg: TrainSection):
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
 
+def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """OUTPUT_DIR/checkpoint-N folders by step: the ones Trainer itself finds and rotates."""
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    return sorted((int(p.name[len(prefix):]), p) for p in folder.glob(f"{prefix}*")
+                  if p.is_dir() and p.name[len(prefix):].isdigit())
+
+
 def newest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N that finished saving: Trainer writes trainer_state.json last."""
-    folder = Path(output_dir)
-    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.name[11:].isdigit())
-    for _, checkpoint in reversed(steps):
+    for _, checkpoint in reversed(_numbered_checkpoints(Path(output_dir))):
         if (checkpoint / "trainer_state.json").exists():
             return str(checkpoint)
         logger.warning("skipping %s: it has no trainer_state.json (interrupted while saving)", checkpoint)
     return None
+
+
+def student_fingerprint(cfg: TrainSection, student_path: str) -> dict[str, Any]:
+    """init_from: its settings (the student_init folder is built from exactly these, and rebuilt when they
+    change); a local folder: the sha256 of its config, weight and tokenizer files; a hub id: the id."""
+    if cfg.init_from is not None:
+        return {"init_from": cfg.init_from.model_dump(mode="json")}
+    folder = Path(student_path)
+    if not folder.is_dir():
+        return {"hub_id": student_path}
+    files = sorted({path for pattern in _STUDENT_FILES for path in folder.glob(pattern) if path.is_file()})
+    return {"files": {path.name: file_sha256(path) for path in files}}
+
+
+def data_fingerprint(dataset: str) -> str:
+    """sha256 of the curated file, or of every file of a save_to_disk folder (by relative name)."""
+    source = Path(dataset)
+    if not source.is_dir():
+        return file_sha256(source)
+    return stable_hash({str(path.relative_to(source)): file_sha256(path)
+                        for path in sorted(source.rglob("*")) if path.is_file()})
+
+
+def inputs_fingerprint(cfg: TrainSection, student_path: str) -> dict[str, Any]:
+    """What a checkpoint is trained from, in three parts (student, data, config) so that a mismatch can say which
+    changed, and a digest of all three."""
+    config = cfg.model_dump(mode="json", exclude=_NOT_TRAINING_INPUTS)
+    config["sft"] = {key: value for key, value in config["sft"].items() if key not in _NOT_TRAINING_SFT_KEYS}
+    parts = {"student": student_fingerprint(cfg, student_path), "data": data_fingerprint(cfg.dataset),
+             "config": config}
+    return {"digest": stable_hash(parts), **parts}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two inputs fingerprints, e.g. ["config: sft.learning_rate, max_examples", "data"];
+    empty when they are the same."""
+    if old.get("digest") == new["digest"]:
+        return []
+    changes = ["student"] if stable_hash(old.get("student")) != stable_hash(new["student"]) else []
+    old_config, new_config = _flatten(old.get("config") or {}), _flatten(new["config"])
+    keys = sorted(key for key in old_config.keys() | new_config.keys()
+                  if stable_hash(old_config.get(key, "<unset>")) != stable_hash(new_config.get(key, "<unset>")))
+    if keys:
+        changes.append("config: " + ", ".join(keys))
+    if old.get("data") != new["data"]:
+        changes.append("data")
+    return changes or ["the fingerprint's format"]
+
+
+def checkpoint_changes(checkpoint: str | Path, fingerprint: dict[str, Any]) -> list[str]:
+    """How the inputs of `checkpoint` differ from `fingerprint`; empty when they are the same."""
+    record = Path(checkpoint) / INPUTS_FINGERPRINT
+    if not record.exists():
+        return [f"no {INPUTS_FINGERPRINT}: saved before checkpoints recorded their inputs"]
+    try:
+        old = read_json(record)
+    except (OSError, ValueError):
+        return [f"unreadable {INPUTS_FINGERPRINT}"]
+    return fingerprint_changes(old if isinstance(old, dict) else {}, fingerprint)
+
+
+def move_stale_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Move every OUTPUT_DIR/checkpoint-N (complete or torn) into OUTPUT_DIR/stale-checkpoints/, renaming to
+    checkpoint-N.1, .2, ... where the name is taken: the user's checkpoints are never deleted, and the new run's
+    numbering does not mix with theirs (Trainer only looks at OUTPUT_DIR/checkpoint-*). Returns (old name, new
+    path) pairs, by step."""
+    folder = Path(output_dir)
+    stale = folder / STALE_CHECKPOINTS
+    moved = []
+    for _, checkpoint in _numbered_checkpoints(folder):
+        stale.mkdir(exist_ok=True)
+        target, copy = stale / checkpoint.name, 0
+        while target.exists():
+            copy += 1
+            target = stale / f"{checkpoint.name}.{copy}"
+        shutil.move(str(checkpoint), str(target))
+        moved.append((checkpoint.name, target))
+    return moved
+
+
+def checkpoint_to_resume(cfg: TrainSection, fingerprint: dict[str, Any], *, is_main: bool = True) -> str | None:
+    """The checkpoint to continue from, by cfg.resume. True: the newest complete checkpoint when it was made from
+    the same inputs; otherwise (on the main process) every checkpoint-N moves to OUTPUT_DIR/stale-checkpoints/ and
+    training starts fresh, said in one stderr line. "force": the newest complete checkpoint whatever made it (a
+    warning line when its inputs differ). False: none (the checkpoints stay where they are, as before).
+    Other processes call this after the main one (main_process_first): they then find what it left."""
+    if cfg.resume is False:
+        return None
+    newest = newest_complete_checkpoint(cfg.output_dir)
+    if newest is None:
+        return None
+    changes = checkpoint_changes(newest, fingerprint)
+    name, output_dir = Path(newest).name, cfg.output_dir
+    if cfg.resume == "force":
+        if changes and is_main:
+            print(f"[train] warning: resuming {name} in {output_dir} although it was made by other inputs "
+                  f"({'; '.join(changes)}), because train.resume is force", file=sys.stderr, flush=True)
+        return newest
+    if not changes:
+        return newest
+    if is_main:
+        moved = move_stale_checkpoints(output_dir)
+        what = "it" if len(moved) == 1 else ", ".join(source for source, _ in moved)
+        renamed = [target.name for source, target in moved if target.name != source]
+        print(f"[train] {name} in {output_dir} was made by other inputs ({'; '.join(changes)}) — starting fresh; "
+              f"moved {what} to {Path(output_dir) / STALE_CHECKPOINTS}/"
+              + (f" (as {', '.join(renamed)}: the names were taken)" if renamed else ""), file=sys.stderr, flush=True)
+    return None
+
+
+class InputsFingerprintCallback(TrainerCallback):
+    """Writes the run's inputs fingerprint into each checkpoint it saves. Trainer calls on_save after
+    _save_checkpoint has written OUTPUT_DIR/checkpoint-<global_step> (weights, optimizer, trainer_state.json) on
+    the processes that save (args.should_save)."""
+
+    def __init__(self, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            write_json_atomic(folder / INPUTS_FINGERPRINT, self.fingerprint)
 
 
 def set_stop_tokens(model, tokenizer, end_of_turn: int) -> list[int]:
