@@ -254,6 +254,45 @@ def test_lenient_anchor_keeps_the_unanchored_number_and_reasoning_content_format
     assert len(dataset) == 9 and dataset["prompt_id"] == [row["prompt_id"] for row in rows(dataset_dir.parent)]
 
 
+def dataset_row(prompt_id: str, idx: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {prompt_id}"},
+                         {"role": "assistant", "content": f"answer {idx}"}],
+            "reasoning": None, "answer_text": f"answer {idx}", "prompt_id": prompt_id, "source": "prompts",
+            "teacher": "teacher-x", "grade": {"extracted": str(idx), "route": "boxed"}, "tokens": 10 + idx,
+            "sample_idx": idx}
+
+
+@pytest.mark.parametrize("reasoning_format", ["think_tags", "reasoning_content"])
+def test_no_rows_still_give_a_dataset_folder_with_the_features(tmp_path, reasoning_format):
+    from datasets import load_from_disk
+
+    from cot_distill.curate.report import dataset_features, save_dataset
+
+    (tmp_path / "train.jsonl").write_text("")
+    files = save_dataset(tmp_path / "train.jsonl", tmp_path / "dataset", reasoning_format)
+    assert files == ["dataset/data-00000-of-00001.arrow", "dataset/dataset_info.json", "dataset/state.json"]
+    dataset = load_from_disk(str(tmp_path / "dataset"))
+    assert len(dataset) == 0 and dataset.features == dataset_features(reasoning_format)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset", "train.jsonl"]  # nothing else left
+
+
+def test_dataset_follows_a_changed_train_file(tmp_path):
+    import shutil
+
+    from datasets import load_from_disk
+
+    from cot_distill.curate.report import save_dataset
+
+    train, target = tmp_path / "train.jsonl", tmp_path / "dataset"
+    for rows_in in ([dataset_row("a", 0), dataset_row("a", 1)], [dataset_row("b", 5)]):
+        shutil.rmtree(target, ignore_errors=True)  # as run_curate does before writing
+        train.write_text("".join(json.dumps(row) + "\n" for row in rows_in))
+        files = save_dataset(train, target, "think_tags")
+        assert sorted(files) == sorted(f"dataset/{path.name}" for path in target.iterdir())
+        assert load_from_disk(str(target)).to_list() == rows_in  # the rows of this train.jsonl, not a cached copy
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset", "train.jsonl"]
+
+
 def test_select_shortest_and_seeded_random(tmp_path):
     recipe = prepare(tmp_path / "a", "curate.select={strategy: shortest, k: 2}")
     report = run_curate(recipe)
