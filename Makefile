@@ -32,7 +32,7 @@ demo-kd: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --set 'ablations={kd: {method: kd, output_dir: runs/demo/train-kd}}'
 
 test: setup
-	$(VENV)/bin/pytest -q -rs tests
+	$(VENV)/bin/pytest -q -rs --durations=15 tests
 
 # Imports sorted and absolute (ruff's isort and tidy-imports rules; config in pyproject.toml).
 lint: setup

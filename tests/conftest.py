@@ -72,5 +72,17 @@ def write_recipe(tmp_path: Path, base_urls: list[str], prompts: Path, **generate
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cot_distill.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    """`cot-distill ARGS` in a subprocess. On timeout it gets SIGTERM first, as a scheduler would send, so that it
+    stops the vLLM servers it launched: a SIGKILL there would leave them to slow down every later test."""
+    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:  # the timeout, or pytest-timeout / Ctrl+C interrupting the wait
+        process.terminate()
+        try:
+            process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -106,10 +106,15 @@ def test_faults_from_a_flaky_proxy_are_retried_and_counted(tmp_path, vllm_server
     assert_exactly_once(tmp_path / "out", 12, 3)
     injected = proxy.stats.injected
     assert injected["500"] and injected["reset"] and injected["stall"], injected
-    errors = sum(stats["errors_by_kind"].values())
-    assert errors == sum(injected.values()), (stats["errors_by_kind"], injected)
-    assert stats["retries_this_run"] == errors and stats["samples_failed_this_run"] == 0
-    assert any(kind.startswith("HTTP 500") for kind in stats["errors_by_kind"])
+    errors = stats["errors_by_kind"]
+    # Every injected 500 and reset is seen and counted as itself. A stall shows as a timeout, and on a loaded
+    # machine a slow honest reply can time out too (3 s), so timeouts are at least the stalls, not exactly.
+    assert errors.get("HTTP 500") == injected["500"], (errors, injected)
+    assert errors.get("ServerDisconnectedError") == injected["reset"], (errors, injected)
+    assert errors.get("HTTP 503", 0) == injected["outage"], (errors, injected)
+    assert errors.get("TimeoutError", 0) >= injected["stall"], (errors, injected)
+    assert set(errors) <= {"HTTP 500", "HTTP 503", "ServerDisconnectedError", "TimeoutError"}, errors
+    assert stats["retries_this_run"] == sum(errors.values()) and stats["samples_failed_this_run"] == 0
 
 
 def test_job_completes_while_one_endpoint_lives(tmp_path, vllm_server, prompts_file):
