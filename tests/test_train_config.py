@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from cot_distill.config.train import TrainSection
+from cot_distill.hardware import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
@@ -18,7 +19,7 @@ GPU_RECIPE = REPO / "recipes" / "r1-distill-gpu.yaml"
 def test_minimal_section_and_defaults():
     cfg = TrainSection(student="some/model", dataset="data.jsonl", output_dir="out")
     assert cfg.method == "sft" and cfg.lora is None and cfg.merge is False
-    assert cfg.reasoning_format == "think_tags" and cfg.bf16_autocast_on_cpu is True
+    assert cfg.reasoning_format == "think_tags" and cfg.bf16_autocast_on_cpu == "auto"
     assert cfg.assistant_mask == "final_turn" and cfg.resume is True
 
 
@@ -84,7 +85,10 @@ def test_cpu_defaults_are_applied_only_when_unset(tmp_path):
     from cot_distill.train import build_sft_config
 
     defaults = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path)))
-    assert defaults.bf16 is True and defaults.use_cpu is True and defaults.gradient_checkpointing is False
+    assert defaults.bf16 is cpu_has_native_bf16() and defaults.use_cpu is True
+    assert defaults.gradient_checkpointing is False
+    on = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path), bf16_autocast_on_cpu=True))
+    assert on.bf16 is True
     assert defaults.padding_free is False and defaults.max_length == 1024
     flat = build_sft_config(TrainSection(student="m", output_dir=str(tmp_path), sft={"padding_free": True}))
     assert flat.padding_free is True and flat.max_length is None  # max_length is enforced by our tokenization
@@ -146,3 +150,15 @@ def test_resume_is_true_false_or_force(value):
 def test_resume_rejects_anything_else(value):
     with pytest.raises(ValidationError, match=r'train.resume must be true, false or "force"'):
         TrainSection(student="m", output_dir="o", resume=value)
+
+
+def test_cpu_dtype_follows_the_cpu_flags(monkeypatch):
+    from cot_distill import hardware
+
+    for flags, native in (({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True),
+                          ({"avx2", "amx_bf16", "amx_tile"}, True), ({"fp", "asimd", "bf16"}, True)):
+        hardware.cpu_has_native_bf16.cache_clear()
+        monkeypatch.setattr(hardware, "_cpu_flags", lambda flags=flags: flags)
+        assert hardware.cpu_has_native_bf16() is native
+        assert hardware.cpu_dtype() == ("bfloat16" if native else "float32")
+    hardware.cpu_has_native_bf16.cache_clear()

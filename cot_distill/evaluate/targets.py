@@ -42,7 +42,7 @@ def as_served(target: TeacherSection, settings: EvalSection) -> TeacherSection:
     context = eval_context(settings)
     if target.backend == "vllm":
         kwargs = target.engine_kwargs
-        launch = LaunchSection(model_path=target.model, dtype=kwargs.get("dtype", "bfloat16"), max_model_len=context,
+        launch = LaunchSection(model_path=target.model, dtype=kwargs.get("dtype", "auto"), max_model_len=context,
                                extra_args=engine_kwargs_as_server_args(kwargs))
         return target.model_copy(update={"backend": "openai", "launch": launch, "engine_kwargs": {}})
     if target.launch is not None:

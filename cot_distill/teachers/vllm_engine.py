@@ -7,6 +7,7 @@ must sit under `if __name__ == "__main__":` (the cot-distill console script does
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from cot_distill.assets import resolve_model_path
 from cot_distill.config import SamplingSection, TeacherSection
 from cot_distill.reasoning import split_reasoning
 from cot_distill.records import Completion
-from cot_distill.teachers.serve import check_cpu_sampling
+from cot_distill.teachers.serve import check_cpu_sampling, cpu_engine_env, serving_dtype
 
 CHAT_KWARGS = {"chat_template_kwargs"}  # extra_body keys that go to llm.chat(), not to SamplingParams
 
@@ -54,8 +55,9 @@ def run_in_process(teacher: TeacherSection, sampling: SamplingSection, concurren
 
     check_cpu_sampling(sampling)
     # engine_seed: see generate.resume_seed; a seed in engine_kwargs was chosen on purpose and wins.
-    engine_kwargs = {"dtype": "bfloat16", **({"seed": engine_seed} if engine_seed is not None else {}),
+    engine_kwargs = {"dtype": serving_dtype("auto"), **({"seed": engine_seed} if engine_seed is not None else {}),
                      **teacher.engine_kwargs}
+    cpu_engine_env(os.environ)  # read by the engine process it spawns
     llm = LLM(model=resolve_model_path(teacher.model), **engine_kwargs)
     if on_engine_ready is not None:
         on_engine_ready()

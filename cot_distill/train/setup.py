@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig
 
 from cot_distill.config.train import TrainSection
+from cot_distill.hardware import cpu_has_native_bf16
 from cot_distill.records import file_sha256, read_json, stable_hash, write_json_atomic
 from cot_distill.train.masking import CHATML_TOKENS, ChatTemplateError, TrainError
 
@@ -73,7 +74,8 @@ def build_sft_config(cfg: TrainSection) -> SFTConfig:
         args.setdefault("use_cpu", True)
         args.setdefault("gradient_checkpointing", False)
         if "bf16" not in args and "fp16" not in args:
-            args["bf16"] = cfg.bf16_autocast_on_cpu
+            autocast = cfg.bf16_autocast_on_cpu
+            args["bf16"] = cpu_has_native_bf16() if autocast == "auto" else autocast
     if args.get("padding_free") and not args.get("packing"):
         args["max_length"] = None  # enforced during our tokenization; TRL refuses padding-free with a max_length
     return SFTConfig(**args)
