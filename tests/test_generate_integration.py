@@ -96,19 +96,41 @@ def test_kill_minus_9_then_resume_gives_each_sample_exactly_once(tmp_path, vllm_
     assert read_manifest(out)["complete"]
 
 
+def honest_latency_s(base_url: str, in_flight: int = 8) -> float:
+    """The slowest of `in_flight` concurrent plain requests (write_recipe's sampling) straight to the server."""
+    import concurrent.futures
+    import urllib.request
+
+    body = json.dumps({"model": SERVED_NAME, "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                       "max_tokens": 24, "temperature": 0.8, "top_p": 0.95}).encode()
+
+    def one(_) -> float:
+        started = time.monotonic()
+        request = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=600).read()
+        return time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        return max(pool.map(one, range(in_flight)))
+
+
 def test_faults_from_a_flaky_proxy_are_retried_and_counted(tmp_path, vllm_server, prompts_file):
-    plan = FaultPlan(error_500_every=5, reset_every=7, stall_every=11, stall_s=6.0, outage=(1.0, 3.0))
+    # The client's timeout sits well above an honest reply's latency on this machine (a 2-core CPU can be 100x
+    # slower than another), and a stall well above the timeout, so that only stalls time out.
+    timeout_s = max(3.0, 4 * honest_latency_s(vllm_server.base_url))
+    plan = FaultPlan(error_500_every=5, reset_every=7, stall_every=11, stall_s=2 * timeout_s, outage=(1.0, 3.0))
     with FaultProxy(vllm_server.base_url, plan) as proxy:
         recipe = load_recipe(write_recipe(tmp_path, [proxy.base_url], prompts_file, max_attempts=30,
                                           eject_after_failures=1000),
-                             ["teacher.request_timeout_s=3"])
+                             [f"teacher.request_timeout_s={timeout_s:.1f}"])
         stats = run_generate(recipe)
     assert_exactly_once(tmp_path / "out", 12, 3)
     injected = proxy.stats.injected
     assert injected["500"] and injected["reset"] and injected["stall"], injected
     errors = stats["errors_by_kind"]
-    # Every injected 500 and reset is seen and counted as itself. A stall shows as a timeout, and on a loaded
-    # machine a slow honest reply can time out too (3 s), so timeouts are at least the stalls, not exactly.
+    # Every injected 500 and reset is seen and counted as itself. A stall shows as a timeout; an honest reply
+    # slowed past the timeout by a sudden load would too, so timeouts are at least the stalls.
     assert errors.get("HTTP 500") == injected["500"], (errors, injected)
     assert errors.get("ServerDisconnectedError") == injected["reset"], (errors, injected)
     assert errors.get("HTTP 503", 0) == injected["outage"], (errors, injected)
@@ -243,25 +265,28 @@ def test_sigterm_stops_the_launched_server_and_writes_no_manifest(tmp_path, tiny
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "teacher")  # a path no other test's server serves
     recipe = load_recipe(write_recipe(tmp_path, ["http://127.0.0.1:9/v1"], prompts_file, samples_per_prompt=50,
-                                      sampling={"temperature": 1.0, "max_tokens": 256, "extra_body": {"ignore_eos": True}}))
+                                      sampling={"temperature": 1.0, "max_tokens": 64, "extra_body": {"ignore_eos": True}}))
     launched = recipe.model_dump(mode="json")
     launched["teacher"]["launch"] = {"model_path": str(model), "max_model_len": 512, "enforce_eager": True}
     path = tmp_path / "launched.yaml"
     path.write_text(json.dumps(launched))
-    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(path)], cwd=REPO_ROOT,
-                               stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: nobody reads a pipe while we wait, and a full one would block the generator.
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(path)], cwd=REPO_ROOT,
+                                   stderr=stderr, text=True)
     out = Path(recipe.generate.output_dir)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while not (out / "samples.jsonl").exists() or (out / "samples.jsonl").stat().st_size == 0:
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no sample within 10 minutes"
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no sample within 15 minutes"
         time.sleep(0.5)
     server = subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True, text=True)
     assert server.stdout.split(), "the launched server is not running"
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=90) == 130
-    assert "interrupted" in process.stderr.read()
+    assert "interrupted" in log.read_text()
     time.sleep(2)
     left = subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True, text=True)
     assert not left.stdout.split(), "the vLLM server outlived the generator"
