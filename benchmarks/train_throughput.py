@@ -11,8 +11,11 @@ Modes (each run is a fresh subprocess; modes alternate round by round so machine
                that carry loss, no per-step TRL metrics, tuned allocator, padded batches
   trl          SFTTrainer(model=path, args=SFTConfig(...)) with TRL's defaults; only use_cpu=True is added, which
                TRL's default bf16=True requires on a CPU
-  torch        minimal loop on the same tokenized, padded batches as ours: forward(labels=...) (which scores every
-               position), backward, fused AdamW step; same autocast and allocator setting as ours
+  torch        the limit: a bare PyTorch loop doing ours' work with nothing around it, on the same tokenized, padded
+               batches in the same order: the base model's last hidden states, the LM head only at the positions
+               whose next token carries loss, fp32 token-mean cross-entropy, backward, grad-norm clip at 1.0 (the
+               Trainer default ours keeps), fused AdamW step; the same autocast choice (bf16 where the CPU has
+               it natively) and allocator tuning as ours
   ours_padfree run_train with sft.padding_free=true (a batch's examples concatenated, block-diagonal attention)
   ours_packed  run_train with sft.packing=true (BFD bins of max_length, one bin per step)
 All use the sequential sampler over the same pre-shuffled data. tokens/s counts real (non-padding) tokens of the
@@ -155,13 +158,21 @@ def run_bare_trl(args, work: Path):
 
 
 def run_torch_loop(args, work: Path):
-    """The floor: our tokenized batches through model(labels=...) with nothing around it."""
+    """The limit: what ours computes per step, written as a bare PyTorch loop (no Trainer, TRL or accelerate).
+
+    Mirrors cot_distill.train.trainer.add_compact_lm_head and DistillSFTTrainer.compute_loss: the base model's last
+    hidden states, the LM head only at the positions whose next token carries loss (labels[:, 1:] != -100), one fp32
+    cross-entropy summed over those tokens and divided by their count (the Trainer's num_items_in_batch); then what
+    the Trainer does around it with our settings: gradient clipping at max_grad_norm=1.0, fused AdamW, zero_grad."""
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from cot_distill.config.train import TrainSection
+    from cot_distill.hardware import cpu_has_native_bf16
     from cot_distill.train import (
+        IGNORE,
         find_end_of_turn,
         load_conversations,
         resolve_chat_template,
@@ -178,14 +189,21 @@ def run_torch_loop(args, work: Path):
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     tune_cpu_allocator()  # the same process environment as run_train's CPU default
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = cpu_has_native_bf16()  # ours' CPU default (bf16_autocast_on_cpu: auto)
+    head = model.get_output_embeddings()  # tied to the input embedding, as in the student
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # the Trainer's
     step_ends, tokens = [], []
     for step in range(args.warmup + args.steps):
         batch = collate([dataset[i] for i in range(step * args.batch_size, (step + 1) * args.batch_size)])
         tokens.append(real_tokens(batch))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+        targets = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
+        scored = targets != IGNORE
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model.model(**batch, use_cache=False).last_hidden_state
+            logits = head(hidden[:, :-1][scored])
+            loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum") / scored.sum().clamp(min=1)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         step_ends.append((time.perf_counter(), time.process_time()))
