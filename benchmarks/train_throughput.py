@@ -7,8 +7,9 @@ padding-free vs packing, on the same student and the same long-tailed synthetic 
     python benchmarks/train_throughput.py --modes ours,ours_fp32   # bf16 autocast vs fp32 on this CPU
 
 Modes (each run is a fresh subprocess; modes alternate round by round so machine-load drift hits all alike):
-  ours         run_train(cfg) with its CPU defaults: bf16 autocast over fp32 weights, LM head only on the tokens
-               that carry loss, no per-step TRL metrics, tuned allocator, padded batches
+  ours         run_train(cfg) with its CPU defaults: fp32 weights with bf16 autocast only where the CPU has native
+               bf16 (bf16_autocast_on_cpu: auto), LM head only on the tokens that carry loss, no per-step TRL
+               metrics, tuned allocator, padded batches
   trl          SFTTrainer(model=path, args=SFTConfig(...)) with TRL's defaults; only use_cpu=True is added, which
                TRL's default bf16=True requires on a CPU
   torch        the limit: a bare PyTorch loop doing ours' work with nothing around it, on the same tokenized, padded
