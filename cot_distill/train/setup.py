@@ -251,7 +251,7 @@ def checkpoint_changes(checkpoint: str | Path, fingerprint: dict[str, Any]) -> l
     return fingerprint_changes(old if isinstance(old, dict) else {}, fingerprint)
 
 
-def move_stale_checkpoints(output_dir: str | Path) -> list[Path]:
+def move_stale_checkpoints(output_dir: str | Path) -> list[tuple[str, Path]]:
     """Move every OUTPUT_DIR/checkpoint-N (complete or torn) into OUTPUT_DIR/stale-checkpoints/, renaming to
     checkpoint-N.1, .2, ... where the name is taken: the user's checkpoints are never deleted, and the new run's
     numbering does not mix with theirs (Trainer only looks at OUTPUT_DIR/checkpoint-*). Returns (old name, new
