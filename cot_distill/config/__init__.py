@@ -17,6 +17,7 @@ from cot_distill.config.generate import (
                                          FieldMap,
                                          GenerateSection,
                                          LaunchSection,
+                                         RateLimitSection,
                                          SamplingSection,
                                          TeacherSection,
 )
@@ -25,7 +26,8 @@ from cot_distill.config.train import InitFrom, KDSection, LoraSection, TrainSect
 
 __all__ = [
     "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
-    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "Recipe", "RecipeError", "SamplingSection",
+    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "RateLimitSection", "Recipe", "RecipeError",
+    "SamplingSection",
     "Strict", "TeacherSection", "TrainSection", "apply_override", "eval_settings", "load_recipe",
     "recipe_snapshot",
 ]

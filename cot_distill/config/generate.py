@@ -34,6 +34,10 @@ class TeacherSection(Strict):
     request_timeout_s: float = 1800
     launch: LaunchSection | None = None
     engine_kwargs: dict[str, Any] = {}  # passed to vllm.LLM(...) for the in-process backend
+    # Part of every request key, beside what the endpoint reports of its weights (GET /v1/models: root,
+    # max_model_len) or the hash of a local model folder. Set it for an endpoint that reports nothing of its
+    # weights (a hosted API), and change it when the weights behind the served name change.
+    revision: str | None = None
 
 
 class FieldMap(Strict):
@@ -60,6 +64,15 @@ class SamplingSection(Strict):
     extra_body: dict[str, Any] = {}  # e.g. {chat_template_kwargs: {enable_thinking: true}, top_k: 20}
 
 
+class RateLimitSection(Strict):
+    """Client-side limits for a hosted teacher, enforced before a request is sent (leaky buckets, aiolimiter).
+    Tokens are counted as prompt + completion; a request reserves the mean of the finished ones (max_tokens
+    before the first finishes) and settles the difference when its usage arrives."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
 class GenerateSection(Strict):
     output_dir: str = "runs/generate"
     prompt_template: str = "r1-math-nosys"  # a name in prompts/ or a path to a template file
@@ -73,3 +86,11 @@ class GenerateSection(Strict):
     eject_cooldown_s: float = Field(default=30.0, ge=0)
     give_up_after_s: float = Field(default=600.0, gt=0)  # abort when every endpoint has failed this long
     progress_interval_s: float = Field(default=10.0, gt=0)
+    # A request the server rejects for good (a 4xx other than 408/409/425/429, or a prompt the in-process engine
+    # refuses) is recorded once in failures.jsonl and not resent on reruns. The job still completes, with a
+    # manifest, while such failures stay within this fraction of its requests. 0.01: a real prompt set has a few
+    # over-long or malformed prompts, well under 1 in 100; a wrong parameter or key fails nearly every request,
+    # so it lands far above and fails loudly (as soon as it can no longer end within the limit).
+    max_failed_fraction: float = Field(default=0.01, ge=0, le=1)
+    retry_failed: bool = False  # resend the permanently failed requests of earlier runs (--retry-failed)
+    rate_limit: RateLimitSection = RateLimitSection()

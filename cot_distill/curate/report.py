@@ -53,6 +53,7 @@ class RunRecord:
     input_tokens: array = field(default_factory=lambda: array("q"))  # usage.completion_tokens of every sample
     output_tokens: array = field(default_factory=lambda: array("q"))  # tokens of every written row
     output_prompts: set = field(default_factory=set)
+    input_prompts: set = field(default_factory=set)  # prompts with at least one current sample
     lines_read: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # stream, select, dataset
     feature_wait_s: float = 0.0  # the main process waiting for the feature workers
@@ -122,6 +123,10 @@ def format_table(report: dict[str, Any]) -> str:
     if contaminated:
         lines.append(f"contaminated prompts: {_reasons_text(contaminated)}")
     output, timing = report["output"], report["timing"]
+    if report["input"].get("prompts_without_sample"):
+        lines.append(f"{report['input']['prompts_without_sample']:,} of {report['input']['prompts']:,} prompts have "
+                     f"no sample (generate rejected {report['input'].get('generate_failed_permanently', 0):,} "
+                     f"requests for good)")
     lines.append(f"\n{output['rows']:,} rows from {output['prompts']:,} prompts, mean {output['tokens']['mean']:,} "
                  f"tokens; {report['input']['lines']:,} samples in {timing['seconds']:,} s "
                  f"({timing['samples_per_s']:,} samples/s)")

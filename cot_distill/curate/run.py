@@ -105,6 +105,7 @@ def admit(batch: list[tuple[int, Sample]], prompts: dict[str, Prompt], check: In
         if reasons[-1] is None:
             candidates.append(Candidate(line_no, sample, prompt))
             run.source_in[source_of(prompt)] += 1
+            run.input_prompts.add(prompt.id)
     run.tallies[0].record(reasons, started)
     return candidates
 
@@ -247,8 +248,11 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
     dataset_files = save_dataset(out_dir / TRAIN_FILE, out_dir / DATASET_DIR, cfg.reasoning_format)
     run.stage_seconds["dataset"] = time.monotonic() - dataset_started
 
+    # Prompts the teacher rejected for good (generate.max_failed_fraction) have no sample: say how many.
+    generate_counts = (generate_manifest or {}).get("counts") or {}
     inputs = {"samples_file": str(samples_path), "generate_complete": generate_manifest is not None,
-              "prompts": len(prompts)}
+              "prompts": len(prompts), "prompts_without_sample": len(prompts.keys() - run.input_prompts),
+              "generate_failed_permanently": generate_counts.get("failed_permanently", 0)}
     report = build_report(run, config=cfg.model_dump(mode="json"), inputs=inputs, seconds=time.monotonic() - started)
     write_json_atomic(out_dir / REPORT_FILE, report)
     note = write_length_histogram(out_dir / HISTOGRAM_FILE, run.input_tokens, run.output_tokens, cfg.histogram_bins)

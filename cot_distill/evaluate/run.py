@@ -37,6 +37,7 @@ from cot_distill.records import (
     write_json_atomic,
     write_manifest,
 )
+from cot_distill.teachers.identity import teacher_identity
 
 RESULTS_FILE = "results.json"
 RESULTS_TABLE = "results.md"
@@ -62,6 +63,7 @@ class BenchmarkJob:
     benchmark: Benchmark
     gen: GenerateSection
     requests: list[SampleRequest]
+    identity: dict[str, Any]  # the target's weights (teachers/identity.py), part of every request key
 
     @property
     def ledger(self) -> Path:
@@ -79,7 +81,7 @@ def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def prepare_benchmark(benchmark: Benchmark, target: TeacherSection, settings: EvalSection, template,
-                      out_dir: Path) -> BenchmarkJob:
+                      out_dir: Path, identity: dict[str, Any]) -> BenchmarkJob:
     bench_dir = out_dir / benchmark.name
     bench_dir.mkdir(parents=True, exist_ok=True)
     # For the reader: the problems this eval asked. Request keys hash the rendered messages, not this file.
@@ -88,12 +90,12 @@ def prepare_benchmark(benchmark: Benchmark, target: TeacherSection, settings: Ev
     gen = GenerateSection(output_dir=str(bench_dir / "generate"), prompt_template=settings.prompt_template,
                           samples_per_prompt=settings.samples, concurrency=settings.concurrency,
                           sampling=settings.sampling)
-    return BenchmarkJob(benchmark, gen, plan_requests(benchmark.problems, template, target, gen))
+    return BenchmarkJob(benchmark, gen, plan_requests(benchmark.problems, template, target, gen, identity), identity)
 
 
 def missing_samples(job: BenchmarkJob) -> int:
-    """Samples of this job not yet in its ledger. Request keys hash the model name, not the endpoint, so this
-    can be asked before a server is started."""
+    """Samples of this job not yet in its ledger. Request keys hash the model name and its weights (for a model we
+    launch: its folder's files), not the endpoint, so this can be asked before a server is started."""
     done = done_keys(job.ledger)
     return sum(request.key not in done for request in job.requests)
 
@@ -104,7 +106,7 @@ def generate_benchmark(job: BenchmarkJob, endpoint: TeacherSection, settings: Ev
     snapshot = {"eval": settings.model_dump(mode="json"), "model": endpoint.model_dump(mode="json"),
                 "benchmark": job.benchmark.name}
     stats = generate_samples(job.benchmark.problems, endpoint, job.gen, snapshot=snapshot, server=server,
-                             requests=job.requests)
+                             requests=job.requests, identity=job.identity)
     if stats["samples_this_run"]:
         with JsonlWriter(Path(job.gen.output_dir).parent / RUNS_FILE) as runs:
             runs.write({"job": job_hash(endpoint, job.gen), "samples": stats["samples_this_run"],
@@ -169,7 +171,8 @@ def run_eval(settings: EvalSection, target: TeacherSection, slot=None) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     invalidate_manifest(out_dir)
 
-    jobs = {benchmark.name: prepare_benchmark(benchmark, target, settings, template, out_dir)
+    identity = teacher_identity(target)
+    jobs = {benchmark.name: prepare_benchmark(benchmark, target, settings, template, out_dir, identity)
             for benchmark in benchmarks}
     unfinished = [job for job in jobs.values() if missing_samples(job)]
     memory = None

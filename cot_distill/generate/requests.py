@@ -1,8 +1,9 @@
 """The requests of a generate job: prompts x samples, each keyed by a hash of everything that determines it.
 
 A request key hashes the rendered messages, the teacher's model and backend, every sampling parameter, the
-template hash and the sample index. Endpoint URLs, keys and concurrency are left out: they change where and how
-fast a sample is made, not what it is.
+template hash and the sample index, and the teacher's identity (its weights: teachers/identity.py) when it has
+one. Endpoint URLs, keys and concurrency are left out: they change where and how fast a sample is made, not what
+it is.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:
 
 
 def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params: dict[str, Any],
-                template_hash: str, sample_idx: int) -> str:
-    return stable_hash({
+                template_hash: str, sample_idx: int, identity: dict[str, Any] | None = None) -> str:
+    """An empty identity gives the key of ledgers written before identities existed, so they keep their samples."""
+    key = stable_hash({
         "messages": messages,
         "model": teacher.model,
         "backend": teacher.backend,
@@ -34,17 +36,19 @@ def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params:
         "template_hash": template_hash,
         "sample_idx": sample_idx,
     })
+    return stable_hash({"request": key, "teacher_identity": identity}) if identity else key
 
 
 def plan_requests(prompts: Iterable[Prompt], template: PromptTemplate, teacher: TeacherSection,
-                  gen: GenerateSection) -> list[SampleRequest]:
-    """Every request of the job, in prompt order, `gen.samples_per_prompt` per prompt."""
+                  gen: GenerateSection, identity: dict[str, Any] | None = None) -> list[SampleRequest]:
+    """Every request of the job, in prompt order, `gen.samples_per_prompt` per prompt. `identity`: the
+    teacher's (teachers.identity.teacher_identity)."""
     requests = []
     for prompt in prompts:
         messages = template.render(prompt.problem)
         for sample_idx in range(gen.samples_per_prompt):
             params = params_for(gen.sampling, sample_idx)
-            key = request_key(messages, teacher, params, template.hash, sample_idx)
+            key = request_key(messages, teacher, params, template.hash, sample_idx, identity)
             requests.append(SampleRequest(prompt.id, sample_idx, messages, params, key))
     return requests
 

@@ -1,10 +1,14 @@
 """The generate stage: n reasoning traces per prompt from a teacher, at the speed of the server.
 
-- Streaming submission: `concurrency` requests in flight, so the window stays full (teachers/window.py).
+- Streaming submission: `concurrency` requests in flight, so the window stays full (teachers/window.py). The
+  in-process engine (teachers/vllm_engine.py) still works in chunks.
 - Exactly-once resume: samples.jsonl is the ledger (generate/ledger.py). A rerun sends only keys not yet in it.
   A record is written only after its completion arrived, so a kill -9 loses at most the requests in flight.
-- A request that still fails after bounded retries goes to failures.jsonl and is retried on the next run;
-  manifest.json is written only when every request has a sample.
+- Request keys include the teacher's identity (teachers/identity.py): new weights behind one name, new samples.
+- A request that still fails after bounded retries goes to failures.jsonl and is retried on the next run. One the
+  server rejects for good is recorded there once, marked permanent, and not resent (generate.retry_failed resends
+  it). manifest.json is written when every other request has a sample and the permanent failures stay within
+  generate.max_failed_fraction; above that the job stops as soon as it cannot end within it.
 
 Two entries: `run(recipe, *, slot=None)`, the stage, and `generate_samples(...)`, which takes prompts, the
 teacher and a generate section directly (eval uses it for its benchmarks).
@@ -13,6 +17,7 @@ teacher and a generate section directly (eval uses it for its benchmarks).
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,14 +30,18 @@ from cot_distill.generate.ledger import (
     SAMPLES_FILE,
     STATS_FILE,
     done_keys,
+    failure_reasons,
     failure_record,
     make_sample,
+    other_teacher_samples,
+    permanent_failures,
     summarize_ledger,
 )
 from cot_distill.generate.requests import SampleRequest, plan_requests
 from cot_distill.progress import Progress
 from cot_distill.prompts import load_template
 from cot_distill.records import JsonlWriter, Prompt, invalidate_manifest, write_json_atomic, write_manifest
+from cot_distill.teachers.identity import describe, teacher_identity
 
 
 class GenerateError(UserError, RuntimeError):
@@ -55,35 +64,52 @@ def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
 
 def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: GenerateSection, *,
                      snapshot: dict[str, Any], server=None, slot=None,
-                     requests: list[SampleRequest] | None = None) -> dict[str, Any]:
+                     requests: list[SampleRequest] | None = None,
+                     identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Linear: plan requests -> resume from the ledger -> run the backend -> stats -> manifest.
 
     `snapshot`: the configuration stored in the manifest. `server`: a LocalVLLMServer the caller launched and
     owns; its death stops the run at once. `slot`: a ServerSlot to launch `teacher.launch` in, instead of a server
-    of our own that is stopped at the end. `requests`: this job's requests when the caller planned them already
-    (plan_requests over the same prompts, template, teacher and section). Returns the stats dict. Raises
-    GenerateError when requests remain failed (rerun to retry them)."""
+    of our own that is stopped at the end. `requests` and `identity`: this job's requests and the teacher identity
+    they were planned with, when the caller planned them already (plan_requests over the same prompts, template,
+    teacher and section). Returns the stats dict. Raises GenerateError when requests remain failed (rerun to
+    retry them) or permanent failures exceed generate.max_failed_fraction."""
     out_dir = Path(gen.output_dir)
     template = load_template(gen.prompt_template)
     if requests is None:
-        requests = plan_requests(prompts, template, teacher, gen)
+        identity = teacher_identity(teacher)
+        requests = plan_requests(prompts, template, teacher, gen, identity)
+    identity = identity or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     invalidate_manifest(out_dir)
     samples_path = out_dir / SAMPLES_FILE
     already = done_keys(samples_path)
     pending = [request for request in requests if request.key not in already]
+    rejected_before = permanent_failures(out_dir / FAILURES_FILE)
+    pending = skip_rejected(pending, rejected_before, gen, out_dir)
+    say_what_other_weights_made(samples_path, pending, identity, bool(already))
     progress = Progress(len(requests), len(requests) - len(pending), gen.progress_interval_s)
     print(f"[generate] {len(prompts)} prompts x {gen.samples_per_prompt} samples = {len(requests)}; "
-          f"{len(requests) - len(pending)} already done, {len(pending)} to go -> {out_dir}", file=sys.stderr)
-
-    engine_seed = resume_seed(len(already), gen)
-    with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
-        if pending:
-            run_backend(teacher, gen, pending, template.hash, samples, failures, progress, server, slot,
-                        engine_seed)
+          f"{len(requests) - len(pending)} already done or rejected, {len(pending)} to go -> {out_dir}",
+          file=sys.stderr)
 
     job_keys = {request.key for request in requests}
+    rejected_limit = math.floor(gen.max_failed_fraction * len(requests))
+    rejected = {key for key in rejected_before if key in job_keys and key not in already
+                and not gen.retry_failed}
+    engine_seed = resume_seed(len(already), gen)
+    stopped: GenerateError | None = None
+    with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
+        if pending:
+            try:
+                run_backend(teacher, gen, pending, template.hash, samples, failures, progress, server, slot,
+                            engine_seed, identity, RejectionBudget(rejected, rejected_limit, len(requests)))
+            except GenerateError as exc:
+                stopped = exc  # too many rejections: stats.json still says what happened
+
     finished, totals = summarize_ledger(samples_path, job_keys)
+    rejections = {key: failure for key, failure in permanent_failures(out_dir / FAILURES_FILE).items()
+                  if key in job_keys and key not in finished}
     missing = len(job_keys - finished)
     stats = {
         "prompts": len(prompts),
@@ -92,6 +118,8 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
         "samples_this_run": progress.done,
         "samples_failed_this_run": progress.failed,
         "samples_missing": missing,
+        "samples_failed_permanently": len(rejections),
+        "permanent_failure_reasons": failure_reasons(rejections.values()),
         "truncated_this_run": progress.truncated,
         "retries_this_run": progress.retries,
         "errors_by_kind": progress.errors_by_kind,
@@ -99,15 +127,91 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
         "wall_seconds": round(progress.elapsed(), 2),
         "completion_tokens_per_s": round(progress.tokens_per_s(), 1),
         "template_hash": template.hash,
+        "teacher_identity": identity,
     }
     stats.update(totals)
     write_json_atomic(out_dir / STATS_FILE, stats)
-    if missing:
-        raise GenerateError(f"{missing} of {len(requests)} samples failed after retries (see "
-                            f"{out_dir / FAILURES_FILE}); rerun the same command to retry only those")
+    check_complete(stats, rejected_limit, gen, out_dir, stopped)
     write_manifest(out_dir, stage="generate", recipe=snapshot,
-                   counts={"prompts": len(prompts), "samples": len(requests)}, files=[SAMPLES_FILE, STATS_FILE])
+                   counts={"prompts": len(prompts), "samples": stats["samples_done"],
+                           "samples_expected": len(requests), "failed_permanently": len(rejections)},
+                   files=[SAMPLES_FILE, STATS_FILE],
+                   extra={"permanent_failure_reasons": stats["permanent_failure_reasons"],
+                          "teacher_identity": identity})
     return stats
+
+
+class RejectionBudget:
+    """Counts permanent failures against generate.max_failed_fraction while the job runs, and stops it as soon as
+    the job can no longer end within the limit: a wrong parameter that fails every request stops after a
+    handful of requests, not after a million."""
+
+    def __init__(self, rejected: set[str], limit: int, total: int):
+        self.rejected = set(rejected)
+        self.limit = limit
+        self.total = total
+
+    def record(self, request: SampleRequest, error: str) -> None:
+        self.rejected.add(request.key)
+        if len(self.rejected) > self.limit:
+            raise GenerateError(too_many_rejections(len(self.rejected), self.total, self.limit, error))
+
+
+def too_many_rejections(count: int, total: int, limit: int, example: str) -> str:
+    return (f"the teacher rejected {count} of {total} requests for good (limit {limit}, "
+            f"generate.max_failed_fraction); e.g. {example[:300]}. If a parameter, key or model name is wrong, fix "
+            f"it and rerun with --retry-failed; if these prompts are bad, raise generate.max_failed_fraction "
+            f"(the reasons are in stats.json and failures.jsonl)")
+
+
+def check_complete(stats: dict[str, Any], rejected_limit: int, gen: GenerateSection, out_dir: Path,
+                   stopped: GenerateError | None) -> None:
+    """Raise unless the job may write its manifest: every request has a sample or was rejected for good, and
+    the rejections stay within the limit."""
+    if stopped is not None:
+        raise stopped
+    transient = stats["samples_missing"] - stats["samples_failed_permanently"]
+    if transient:
+        raise GenerateError(f"{transient} of {stats['samples_expected']} samples failed after retries (see "
+                            f"{out_dir / FAILURES_FILE}); rerun the same command to retry only those")
+    if stats["samples_failed_permanently"] > rejected_limit:
+        example = next(iter(stats["permanent_failure_reasons"]), "")
+        raise GenerateError(too_many_rejections(stats["samples_failed_permanently"], stats["samples_expected"],
+                                                rejected_limit, example))
+    if stats["samples_failed_permanently"]:
+        print(f"[generate] {stats['samples_failed_permanently']} requests were rejected for good and have no "
+              f"sample (within generate.max_failed_fraction={gen.max_failed_fraction}); reasons in "
+              f"{out_dir / STATS_FILE}", file=sys.stderr)
+
+
+def skip_rejected(pending: list[SampleRequest], rejected: dict[str, dict[str, Any]], gen: GenerateSection,
+                  out_dir: Path) -> list[SampleRequest]:
+    """Leave out what the server rejected for good in an earlier run, unless generate.retry_failed."""
+    skipped = [request for request in pending if request.key in rejected]
+    if not skipped:
+        return pending
+    if gen.retry_failed:
+        print(f"[generate] resending {len(skipped)} requests rejected for good in earlier runs (--retry-failed)",
+              file=sys.stderr)
+        return pending
+    print(f"[generate] {len(skipped)} requests were rejected for good in earlier runs (see "
+          f"{out_dir / FAILURES_FILE}); not resent (--retry-failed resends them)", file=sys.stderr)
+    return [request for request in pending if request.key not in rejected]
+
+
+def say_what_other_weights_made(samples_path: Path, pending: list[SampleRequest], identity: dict[str, Any],
+                                ledger_has_samples: bool) -> None:
+    """One line when the ledger holds samples of these prompts that other weights (or a run before identities
+    were recorded) made: they stay in samples.jsonl, but this job does not reuse them."""
+    if not (pending and ledger_has_samples):
+        return
+    found = other_teacher_samples(samples_path, pending, identity)
+    for made_by, count in found.items():
+        origin = ("before generate recorded the teacher's weights" if made_by is None
+                  else f"by other weights ({made_by[:200]})")
+        print(f"[generate] {count} samples in {samples_path} for these prompts were made {origin}; now "
+              f"{describe(identity)}: they stay in the file, and new samples are generated. Set teacher.revision "
+              f"if the teacher reports nothing of its weights", file=sys.stderr)
 
 
 def resume_seed(ledger_samples: int, gen: GenerateSection) -> int | None:
@@ -126,30 +230,22 @@ def resume_seed(ledger_samples: int, gen: GenerateSection) -> int | None:
 
 def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[SampleRequest], template_hash: str,
                 samples: JsonlWriter, failures: JsonlWriter, progress: Progress, server=None, slot=None,
-                engine_seed: int | None = None) -> None:
+                engine_seed: int | None = None, identity: dict[str, Any] | None = None,
+                rejections: RejectionBudget | None = None) -> None:
     """Send `pending` through the teacher's backend; every completion is written as it lands."""
+    from cot_distill.teachers.window import WindowEvents
 
     def on_sample(request: SampleRequest, completion, latency_s: float, attempts: int, endpoint) -> None:
-        samples.write(make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint))
+        samples.write(make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint,
+                                  identity))
         progress.record_sample(completion)
 
-    def on_failure(request: SampleRequest, error: str, attempts: int) -> None:
+    def on_failure(request: SampleRequest, error: str, attempts: int, permanent: bool, status: int | None) -> None:
         progress.failed += 1
-        failures.write(failure_record(request, error, attempts))
-
-    if teacher.backend == "vllm":
-        from cot_distill.teachers.vllm_engine import run_in_process
-
-        def on_engine_sample(*args) -> None:
-            on_sample(*args)
-            progress.maybe_report()
-
-        # tok/s measures generation, not model loading
-        run_in_process(teacher, gen.sampling, gen.concurrency, pending, on_engine_sample, engine_seed,
-                       on_engine_ready=progress.restart_clock)
-        return
-    from cot_distill.teachers.serve import maybe_launch
-    from cot_distill.teachers.window import WindowEvents, run_window
+        failures.write(failure_record(request, error, attempts, permanent, status))
+        if permanent and rejections is not None:
+            failures.sync()  # the record must outlive the GenerateError that may follow
+            rejections.record(request, error)
 
     def on_error(error: str, will_retry: bool) -> None:
         progress.record_error(error)
@@ -158,6 +254,20 @@ def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[Sam
     events = WindowEvents(on_sample=on_sample, on_failure=on_failure, on_error=on_error,
                           on_ready=progress.restart_clock,  # tok/s measures generation, not server start-up
                           on_tick=progress.maybe_report)
+    if teacher.backend == "vllm":
+        from cot_distill.teachers.vllm_engine import run_in_process
+
+        def on_engine_sample(*args) -> None:
+            on_sample(*args)
+            progress.maybe_report()
+
+        # Still chunked (issue 15's last point is open): no retries, failures or per-request latency in-process.
+        run_in_process(teacher, gen.sampling, gen.concurrency, pending, on_engine_sample, engine_seed,
+                       on_engine_ready=progress.restart_clock)
+        return
+    from cot_distill.teachers.serve import maybe_launch
+    from cot_distill.teachers.window import run_window
+
     if engine_seed is not None and teacher.launch is not None:
         print(f"[generate] the ledger holds {engine_seed} samples: a server started for it uses --seed "
               f"{engine_seed} so new samples do not replay the first run's random stream", file=sys.stderr)

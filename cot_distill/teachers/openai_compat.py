@@ -1,16 +1,19 @@
 """A teacher behind any OpenAI-compatible chat endpoint (vLLM's first), over aiohttp.
 
-Errors are sorted into transient (retry: 408/429/5xx, connection errors, timeouts, malformed replies) and
-permanent (other 4xx: retrying cannot help). Endpoints are chosen by fewest outstanding requests; one that
+Errors are sorted into transient (retry: 408/409/425/429/5xx, connection errors, timeouts, malformed replies) and
+permanent (other 4xx: retrying cannot help). A 429 or 503 may say when to come back (Retry-After, seconds or an
+HTTP date); the error carries it. Endpoints are chosen by fewest outstanding requests; one that
 keeps failing is ejected for a cool-down and comes back half-open (one more failure ejects it again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -19,14 +22,36 @@ from cot_distill.reasoning import join_reasoning, split_reasoning
 from cot_distill.records import Completion
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_AFTER_STATUS = {429, 503}  # where RFC 9110 and rate-limiting gateways send Retry-After
 
 
 class TransientError(Exception):
-    pass
+    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s  # what the server asked us to wait, when it said
 
 
 class PermanentError(Exception):
-    pass
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 class AllEndpointsDown(RuntimeError):
@@ -72,8 +97,12 @@ class EndpointPool:
             wake = min(ep.ejected_until for ep in self.endpoints)
             await asyncio.sleep(max(0.05, min(wake - now, 5.0)))
 
-    def release(self, endpoint: Endpoint, *, failed: bool) -> None:
+    def release(self, endpoint: Endpoint, *, failed: bool | None) -> None:
+        """failed=None: the endpoint answered, but not with a sample (a permanent 4xx, a 429 with Retry-After);
+        that says nothing about its health, so it neither ejects nor resets it."""
         endpoint.outstanding -= 1
+        if failed is None:
+            return
         if not failed:
             endpoint.successes += 1
             endpoint.consecutive_failures = 0
@@ -86,6 +115,10 @@ class EndpointPool:
             endpoint.ejections += 1
             # Half-open on return: a single further failure ejects it again.
             endpoint.consecutive_failures = self.eject_after_failures - 1
+
+    def pause(self, endpoint: Endpoint, seconds: float) -> None:
+        """Send nothing to `endpoint` for `seconds` (it asked us to wait: Retry-After)."""
+        endpoint.ejected_until = max(endpoint.ejected_until, time.monotonic() + seconds)
 
     def live_count(self) -> int:
         now = time.monotonic()
@@ -156,11 +189,7 @@ class OpenAICompatClient:
             async with self._session.post(f"{base_url}/chat/completions", json=body) as response:
                 payload = await response.read()
                 if response.status != 200:
-                    detail = payload[:300].decode("utf-8", "replace")
-                    error = f"HTTP {response.status}: {detail}"
-                    if response.status in RETRYABLE_STATUS:
-                        raise TransientError(error)
-                    raise PermanentError(error)
+                    raise status_error(response.status, payload, response.headers.get("Retry-After"))
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
         try:
@@ -169,8 +198,8 @@ class OpenAICompatClient:
             raise TransientError(f"malformed response body: {payload[:200]!r}") from None
         return parse_completion(data)
 
-    async def served_models(self, base_url: str, timeout_s: float = 10.0) -> list[str]:
-        """The model names an endpoint serves (GET /models); raises TransientError when unreachable."""
+    async def served_models(self, base_url: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """The entries of GET /models (id, and on vLLM root and max_model_len); TransientError when unreachable."""
         assert self._session is not None
         try:
             async with self._session.get(f"{base_url}/models",
@@ -180,4 +209,12 @@ class OpenAICompatClient:
                 data = await response.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
-        return [entry.get("id", "") for entry in data.get("data", [])]
+        return [entry for entry in data.get("data", []) if isinstance(entry, dict)]
+
+
+def status_error(status: int, payload: bytes, retry_after: str | None) -> TransientError | PermanentError:
+    error = f"HTTP {status}: {payload[:300].decode('utf-8', 'replace')}"
+    if status not in RETRYABLE_STATUS:
+        return PermanentError(error, status=status)
+    wait = parse_retry_after(retry_after) if status in RETRY_AFTER_STATUS else None
+    return TransientError(error, status=status, retry_after_s=wait)

@@ -2,23 +2,31 @@
 
 Each worker takes the next request as soon as its previous one finished, so the window stays full however long a
 single trace runs. Every outcome goes back through `WindowEvents`; this module never writes a record.
+
+Retries are tenacity's (stop after generate.max_attempts, jittered exponential backoff, or what a 429/503's
+Retry-After asks for, capped by generate.backoff_max_s). Retry-After also pauses that endpoint for every worker:
+the server throttles the client, not the one request. generate.rate_limit adds client-side leaky buckets
+(aiolimiter) for hosted teachers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cot_distill.config import GenerateSection, TeacherSection
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from cot_distill.config import GenerateSection, RateLimitSection, TeacherSection
 from cot_distill.errors import UserError
 from cot_distill.records import Completion
 from cot_distill.teachers.openai_compat import (
     AllEndpointsDown,
+    Endpoint,
     EndpointPool,
     OpenAICompatClient,
     PermanentError,
@@ -33,12 +41,13 @@ class TeacherError(UserError, RuntimeError):
 @dataclass
 class WindowEvents:
     """What the window reports. on_sample(request, completion, latency_s, attempts, endpoint);
-    on_failure(request, error, attempts) once a request has used up its attempts; on_error(error, will_retry) on
-    every failed attempt; on_ready() when the endpoints answered (the clock for tok/s starts);
-    on_tick(in_flight) after each finished request."""
+    on_failure(request, error, attempts, permanent, status) once a request has used up its attempts, or at once
+    when the server rejected it for good (permanent; status: the HTTP status, None in-process);
+    on_error(error, will_retry) on every failed attempt; on_ready() when the endpoints answered (the clock for
+    tok/s starts); on_tick(in_flight) after each finished request. The in-process backend reports the same."""
 
     on_sample: Callable[[Any, Completion, float, int, str | None], None]
-    on_failure: Callable[[Any, str, int], None]
+    on_failure: Callable[[Any, str, int, bool, int | None], None]
     on_error: Callable[[str, bool], None]
     on_ready: Callable[[], None]
     on_tick: Callable[[int], None]
@@ -62,6 +71,7 @@ async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: l
                                   eject_cooldown_s=gen.eject_cooldown_s, give_up_after_s=gen.give_up_after_s)
     client = OpenAICompatClient(teacher.model, read_api_key(teacher), teacher.request_timeout_s,
                                 max_connections=gen.concurrency)
+    limiter = RateLimiter(gen.rate_limit, gen.sampling.max_tokens)
     async with client:
         await preflight(client, pool, teacher.model)
         events.on_ready()
@@ -72,7 +82,7 @@ async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: l
             for request in queue:  # a shared iterator: each worker takes the next request when it frees up
                 in_flight[0] += 1
                 try:
-                    await one_request(client, pool, request, gen, events)
+                    await one_request(client, pool, limiter, request, gen, events)
                 finally:
                     in_flight[0] -= 1
                 events.on_tick(in_flight[0])
@@ -104,7 +114,7 @@ async def preflight(client: OpenAICompatClient, pool: EndpointPool, model: str) 
     problems = []
     for endpoint in pool.endpoints:
         try:
-            served = await client.served_models(endpoint.base_url)
+            served = [entry.get("id", "") for entry in await client.served_models(endpoint.base_url)]
         except Exception as exc:  # noqa: BLE001 - any failure means: not usable now
             problems.append(f"{endpoint.base_url}: unreachable ({exc})")
             endpoint.ejected_until = time.monotonic() + pool.eject_cooldown_s
@@ -118,25 +128,102 @@ async def preflight(client: OpenAICompatClient, pool: EndpointPool, model: str) 
         print(f"[generate] warning: {problem}; cooling it down and carrying on with the others", file=sys.stderr)
 
 
-async def one_request(client: OpenAICompatClient, pool: EndpointPool, request, gen: GenerateSection,
-                      events: WindowEvents) -> None:
-    last_error = ""
-    for attempt in range(1, gen.max_attempts + 1):
-        endpoint = await pool.acquire()
-        started = time.monotonic()
-        try:
-            completion = await client.complete(endpoint.base_url, request.messages, request.params)
-        except (TransientError, PermanentError) as exc:
-            pool.release(endpoint, failed=True)
-            last_error = str(exc)
-            will_retry = isinstance(exc, TransientError) and attempt < gen.max_attempts
-            events.on_error(last_error, will_retry)
-            if not will_retry:
-                break
-            backoff = min(gen.backoff_max_s, gen.backoff_initial_s * 2 ** (attempt - 1))
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
-            continue
-        pool.release(endpoint, failed=False)
-        events.on_sample(request, completion, time.monotonic() - started, attempt, endpoint.base_url)
+class RateLimiter:
+    """generate.rate_limit as two leaky buckets (aiolimiter), each as deep as one minute's allowance. Every attempt
+    takes a request; tokens are reserved at the mean prompt + completion tokens of the finished requests
+    (max_tokens before the first) and the shortfall is taken once the usage is known."""
+
+    def __init__(self, limits: RateLimitSection, max_tokens: int):
+        self.requests = AsyncLimiter(limits.requests_per_minute, 60) if limits.requests_per_minute else None
+        self.tokens = AsyncLimiter(limits.tokens_per_minute, 60) if limits.tokens_per_minute else None
+        self.token_cap = limits.tokens_per_minute or 0
+        self.first_estimate = max_tokens
+        self.finished = self.used = 0
+
+    async def before_attempt(self) -> float:
+        if self.requests is not None:
+            await self.requests.acquire()
+        if self.tokens is None:
+            return 0.0
+        estimate = self.used / self.finished if self.finished else self.first_estimate
+        reserved = min(float(estimate), self.token_cap)  # aiolimiter refuses more than a bucket holds
+        await self.tokens.acquire(reserved)
+        return reserved
+
+    async def settle(self, reserved: float, completion: Completion) -> None:
+        if self.tokens is None:
+            return
+        used = completion.prompt_tokens + completion.completion_tokens
+        self.finished += 1
+        self.used += used
+        if used > reserved:
+            await self.tokens.acquire(min(used - reserved, self.token_cap))
+
+
+class BackoffOrRetryAfter:
+    """tenacity wait: what the server asked for (Retry-After), else jittered exponential backoff; both capped by
+    generate.backoff_max_s, so a server asking for an hour cannot stall the job for an hour."""
+
+    def __init__(self, gen: GenerateSection):
+        self.cap = gen.backoff_max_s
+        self.backoff = wait_random_exponential(multiplier=gen.backoff_initial_s, max=gen.backoff_max_s)
+
+    def __call__(self, retry_state) -> float:
+        asked = getattr(retry_state.outcome.exception(), "retry_after_s", None)
+        return min(asked, self.cap) if asked is not None else self.backoff(retry_state)
+
+
+async def one_request(client: OpenAICompatClient, pool: EndpointPool, limiter: RateLimiter, request,
+                      gen: GenerateSection, events: WindowEvents) -> None:
+    """One request through its retries; exactly one of events.on_sample / on_failure at the end."""
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(gen.max_attempts),
+        retry=retry_if_exception_type(TransientError),
+        wait=BackoffOrRetryAfter(gen),
+        before_sleep=lambda state: events.on_error(str(state.outcome.exception()), True),
+        reraise=True,
+    )
+    attempts = 0
+    try:
+        async for attempt in retrying:
+            with attempt:
+                attempts = attempt.retry_state.attempt_number
+                completion, latency_s, base_url = await one_attempt(client, pool, limiter, request, gen)
+    except TransientError as exc:
+        events.on_error(str(exc), False)
+        events.on_failure(request, str(exc), attempts, False, exc.status)
         return
-    events.on_failure(request, last_error, attempt)
+    except PermanentError as exc:
+        events.on_error(str(exc), False)
+        events.on_failure(request, str(exc), attempts, True, exc.status)
+        return
+    events.on_sample(request, completion, latency_s, attempts, base_url)
+
+
+async def one_attempt(client: OpenAICompatClient, pool: EndpointPool, limiter: RateLimiter, request,
+                      gen: GenerateSection) -> tuple[Completion, float, str]:
+    """Send once to the least busy live endpoint; the endpoint's health learns the outcome."""
+    reserved = await limiter.before_attempt()
+    endpoint = await pool.acquire()
+    started = time.monotonic()
+    try:
+        completion = await client.complete(endpoint.base_url, request.messages, request.params)
+    except TransientError as exc:
+        pool.release(endpoint, failed=note_retry_after(pool, endpoint, exc, gen))
+        raise
+    except PermanentError:
+        pool.release(endpoint, failed=None)  # the request is bad, not the endpoint
+        raise
+    pool.release(endpoint, failed=False)
+    latency_s = time.monotonic() - started
+    await limiter.settle(reserved, completion)
+    return completion, latency_s, endpoint.base_url
+
+
+def note_retry_after(pool: EndpointPool, endpoint: Endpoint, exc: TransientError, gen: GenerateSection) -> bool | None:
+    """A 429/503 with Retry-After pauses the endpoint as asked (capped) and says nothing of its health (None);
+    any other transient error counts against it (True)."""
+    if exc.retry_after_s is None:
+        return True
+    pool.pause(endpoint, min(exc.retry_after_s, gen.backoff_max_s))
+    return None
