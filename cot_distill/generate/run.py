@@ -1,7 +1,7 @@
 """The generate stage: n reasoning traces per prompt from a teacher, at the speed of the server.
 
-- Streaming submission: `concurrency` requests in flight, so the window stays full (teachers/window.py). The
-  in-process engine (teachers/vllm_engine.py) still works in chunks.
+- Streaming submission: `concurrency` requests in flight, so the window stays full: over HTTP (teachers/window.py)
+  and in-process, where a step loop adds the next request the step one finishes (teachers/vllm_engine.py).
 - Exactly-once resume: samples.jsonl is the ledger (generate/ledger.py). A rerun sends only keys not yet in it.
   A record is written only after its completion arrived, so a kill -9 loses at most the requests in flight.
 - Request keys include the teacher's identity (teachers/identity.py): new weights behind one name, new samples.
@@ -257,13 +257,7 @@ def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[Sam
     if teacher.backend == "vllm":
         from cot_distill.teachers.vllm_engine import run_in_process
 
-        def on_engine_sample(*args) -> None:
-            on_sample(*args)
-            progress.maybe_report()
-
-        # Still chunked (issue 15's last point is open): no retries, failures or per-request latency in-process.
-        run_in_process(teacher, gen.sampling, gen.concurrency, pending, on_engine_sample, engine_seed,
-                       on_engine_ready=progress.restart_clock)
+        run_in_process(teacher, gen, pending, events, engine_seed)
         return
     from cot_distill.teachers.serve import maybe_launch
     from cot_distill.teachers.window import run_window
