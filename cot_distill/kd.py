@@ -9,6 +9,9 @@ positions whose label is not -100.
 
 The math lives in `distillation_sums` only: the public `distillation_loss` and the trainer's chunked path
 (`chunked_distillation_sums`, which never holds logits for more than one chunk of positions) both reduce through it.
+`sparse_distillation_loss` is the sparse variant for a teacher known only by its top-K log-probabilities (what an
+OpenAI-compatible server returns as top_logprobs): the same loss with both distributions renormalised over the top-K
+ids (formula in `sparse_distillation_sums`); it shares the masking, CE, KL and weighting code with the dense one.
 """
 
 from __future__ import annotations
@@ -31,29 +34,88 @@ class DistillationSums(NamedTuple):
     count: torch.Tensor  # number of scored positions
 
 
+def _check_kl(kl: str) -> None:
+    if kl not in KL_DIRECTIONS:
+        raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {kl!r}")
+
+
+def _scored_rows(labels: torch.Tensor, *per_position: torch.Tensor):
+    """(count, targets, rows): the tensors (..., n) cut to the positions whose label is not -100, as (N, n) rows."""
+    scored = labels != IGNORE_INDEX
+    if not bool(scored.all()):  # the trainer's chunks hold scored positions only: spare them a copy of the logits
+        per_position, labels = tuple(tensor[scored] for tensor in per_position), labels[scored]
+    rows = tuple(tensor.reshape(-1, tensor.shape[-1]) for tensor in per_position)
+    return scored.sum(), labels.reshape(-1), rows
+
+
+def _ce_sum(student_log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -student_log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+
+
+def _kl_sum(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kl: str) -> torch.Tensor:
+    """Summed KL(teacher || student) for "forward", KL(student || teacher) for "reverse", over the last dim."""
+    # F.kl_div(input=log q, target=log p, log_target=True) sums p * (log p - log q) = KL(p || q).
+    if kl == "forward":
+        return F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+    return F.kl_div(teacher_log_probs, student_log_probs, reduction="sum", log_target=True)
+
+
 def distillation_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float, kl: str = "forward") -> DistillationSums:
     """Summed CE and KL over the positions where labels != -100. Logits (..., vocab) and labels (...) are aligned
     position by position. Computed in float32; the teacher is detached, so gradients reach the student only."""
-    if kl not in KL_DIRECTIONS:
-        raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {kl!r}")
-    scored = labels != IGNORE_INDEX
-    if not bool(scored.all()):  # the trainer's chunks hold scored positions only: spare them a copy of the logits
-        student_logits, teacher_logits, labels = student_logits[scored], teacher_logits[scored], labels[scored]
-    vocab = student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab).float()
-    teacher = teacher_logits.reshape(-1, vocab).detach().float()
-    targets = labels.reshape(-1)
+    _check_kl(kl)
+    count, targets, (student, teacher) = _scored_rows(labels, student_logits, teacher_logits)
+    student, teacher = student.float(), teacher.detach().float()
     student_log_probs = F.log_softmax(student, dim=-1)
-    ce = -student_log_probs.gather(-1, targets.unsqueeze(-1)).sum()
     student_log_probs_tau = student_log_probs if temperature == 1 else F.log_softmax(student / temperature, dim=-1)
     teacher_log_probs_tau = F.log_softmax(teacher / temperature, dim=-1)
-    # F.kl_div(input=log q, target=log p, log_target=True) sums p * (log p - log q) = KL(p || q).
-    if kl == "forward":
-        divergence = F.kl_div(student_log_probs_tau, teacher_log_probs_tau, reduction="sum", log_target=True)
-    else:
-        divergence = F.kl_div(teacher_log_probs_tau, student_log_probs_tau, reduction="sum", log_target=True)
-    return DistillationSums(ce, divergence, scored.sum())
+    return DistillationSums(_ce_sum(student_log_probs, targets),
+                            _kl_sum(student_log_probs_tau, teacher_log_probs_tau, kl), count)
+
+
+def _log_softmax_over_present(values: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the entries not marked absent. Absent entries get a huge finite negative instead of -inf:
+    exp() of it is exactly 0 beside any present entry, and 0 * (finite difference) keeps the KL and its gradient free
+    of the NaN that (-inf) - (-inf) would give; a row with no present entry comes out uniform on both sides (KL 0)."""
+    return F.log_softmax(values.masked_fill(absent, torch.finfo(values.dtype).min), dim=-1)
+
+
+def sparse_distillation_sums(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                             labels: torch.Tensor, temperature: float, kl: str = "forward") -> DistillationSums:
+    """distillation_sums for a teacher given by its top-K: topk_ids (..., K) int64 token ids and topk_logprobs
+    (..., K) its log-probabilities at temperature 1 over the full vocabulary (log-softmax values, so they sum to <= 1
+    in probability), aligned position by position with student_logits (..., V) and labels (...). An entry of
+    topk_logprobs equal to -inf is padding (fewer than K alternatives recorded): it is absent, whatever its id.
+
+    At a scored position with S its present ids, l_i the teacher's log-probs and z_i the student's logits:
+
+        q_i = exp(l_i / tau) / sum_{j in S} exp(l_j / tau)       = softmax(topk_logprobs / tau) over S
+        p_i = exp(z_i / tau) / sum_{j in S} exp(z_j / tau)       = softmax(z / tau)_i / sum_{j in S} softmax(z / tau)_j
+        KL  = sum_{i in S} q_i * (log q_i - log p_i)    ("forward", KL(q || p))
+              sum_{i in S} p_i * (log p_i - log q_i)    ("reverse", KL(p || q))
+        CE  = -log softmax(z)_y                          (temperature 1, full vocabulary, as in the dense loss)
+
+    The teacher mass outside S (1 - sum_{i in S} exp(l_i)) is dropped by the renormalisation: since l_i is the
+    teacher's logit minus a constant, q is exactly the teacher's temperature-tau distribution conditioned on S, for
+    any tau; p is the student's, conditioned on the same S. With S the whole vocabulary the renormalisation is a
+    no-op and this equals distillation_sums with the teacher's logits. A scored position with S empty adds 0 to KL
+    (its CE and count still add). Present ids should be distinct. Positions with label -100 are dropped before
+    anything is read, so their ids and log-probs may be anything. float32 math; the teacher side is detached."""
+    _check_kl(kl)
+    if topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} differ")
+    count, targets, (student, ids, teacher) = _scored_rows(labels, student_logits, topk_ids, topk_logprobs)
+    student, teacher = student.float(), teacher.detach().float()
+    absent = teacher == float("-inf")
+    ids = ids.long().masked_fill(absent, 0)  # padding ids may be out of range (-1): never gather them
+    student_log_probs = F.log_softmax(student, dim=-1)
+    # Renormalising softmax(z / tau) over S equals a softmax of the gathered z / tau: no second vocabulary pass.
+    student_topk_tau = student.gather(-1, ids) / temperature
+    student_log_probs_tau = _log_softmax_over_present(student_topk_tau, absent)
+    teacher_log_probs_tau = _log_softmax_over_present(teacher / temperature, absent)
+    return DistillationSums(_ce_sum(student_log_probs, targets),
+                            _kl_sum(student_log_probs_tau, teacher_log_probs_tau, kl), count)
 
 
 def weighted_distillation_loss(sums: DistillationSums, alpha: float, beta: float, temperature: float,
@@ -68,6 +130,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       alpha: float, beta: float, temperature: float, kl: str = "forward") -> torch.Tensor:
     """The scalar loss above. labels are already aligned with the logits (the caller shifts them); -100 masks."""
     sums = distillation_sums(student_logits, teacher_logits, labels, temperature, kl)
+    return weighted_distillation_loss(sums, alpha, beta, temperature)
+
+
+def sparse_distillation_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                             labels: torch.Tensor, alpha: float, beta: float, temperature: float,
+                             kl: str = "forward") -> torch.Tensor:
+    """alpha * mean CE + beta * tau^2 * mean KL over the scored positions, with CE and KL as in
+    sparse_distillation_sums (teacher and student renormalised over the teacher's top-K ids); -100 masks."""
+    sums = sparse_distillation_sums(student_logits, topk_ids, topk_logprobs, labels, temperature, kl)
     return weighted_distillation_loss(sums, alpha, beta, temperature)
 
 
