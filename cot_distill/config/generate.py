@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cot_distill.config.base import Strict
 
@@ -73,6 +73,43 @@ class RateLimitSection(Strict):
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
+class UntilVerifiedSection(Strict):
+    """Sample a prompt until it has k verified traces (graded as curate grades them: complete, not truncated, the
+    anchored answer matches the gold one), or until it has max_samples samples."""
+
+    k: int = Field(default=1, ge=1)
+    max_samples: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def k_within_cap(self) -> UntilVerifiedSection:
+        if self.k > self.max_samples:
+            raise ValueError(f"k ({self.k}) is above max_samples ({self.max_samples}): no prompt could reach it")
+        return self
+
+
+class PricePerMTok(Strict):
+    """USD per million tokens, as hosted APIs list them."""
+
+    prompt: float = Field(default=0.0, ge=0)
+    completion: float = Field(default=0.0, ge=0)
+
+
+class BudgetSection(Strict):
+    """Caps on what the job spends, counted over the job's whole ledger (every run), not only this run. At a cap
+    the run stops sending, finishes what is in flight, writes stats.json and fails without a manifest; rerun with
+    a higher cap to continue."""
+
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_usd: float | None = Field(default=None, gt=0)
+    price_per_mtok: PricePerMTok | None = None  # needed for max_usd; with it, progress and stats show the cost
+
+    @model_validator(mode="after")
+    def usd_needs_a_price(self) -> BudgetSection:
+        if self.max_usd is not None and self.price_per_mtok is None:
+            raise ValueError("max_usd needs price_per_mtok: {prompt: USD, completion: USD} per million tokens")
+        return self
+
+
 class GenerateSection(Strict):
     output_dir: str = "runs/generate"
     prompt_template: str = "r1-math-nosys"  # a name in prompts/ or a path to a template file
@@ -94,3 +131,20 @@ class GenerateSection(Strict):
     max_failed_fraction: float = Field(default=0.01, ge=0, le=1)
     retry_failed: bool = False  # resend the permanently failed requests of earlier runs (--retry-failed)
     rate_limit: RateLimitSection = RateLimitSection()
+    # Stop sampling a prompt once it has k verified traces (generate/until_verified.py). max_samples is then the
+    # number of samples per prompt at most: samples_per_prompt follows it, and a different one is an error.
+    until_verified: UntilVerifiedSection | None = None
+    budget: BudgetSection = BudgetSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def samples_follow_until_verified(cls, data: Any) -> Any:
+        until = data.get("until_verified") if isinstance(data, dict) else None
+        cap = until.get("max_samples") if isinstance(until, dict) else getattr(until, "max_samples", None)
+        if cap is None:
+            return data
+        given = data.get("samples_per_prompt")
+        if given is not None and given != cap:
+            raise ValueError(f"samples_per_prompt ({given}) differs from until_verified.max_samples ({cap}): with "
+                             f"until_verified, max_samples is the cap per prompt; drop samples_per_prompt")
+        return {**data, "samples_per_prompt": cap}

@@ -22,7 +22,7 @@ from cot_distill.decontam import Decontaminator
 from cot_distill.dedup import NearDupIndex
 from cot_distill.errors import UserError
 from cot_distill.generate import params_for
-from cot_distill.grading import Grader
+from cot_distill.grading import Grader, incomplete_reason
 from cot_distill.records import Prompt, Sample
 
 
@@ -64,19 +64,7 @@ class CompletenessCheck:
     name = "completeness"
 
     def reasons(self, batch: list[Candidate]) -> list[str | None]:
-        return [self.reason(candidate.sample) for candidate in batch]
-
-    @staticmethod
-    def reason(sample: Sample) -> str | None:
-        if sample.error:
-            return "error"
-        if sample.finish_reason != "stop":
-            return "truncated" if sample.finish_reason == "length" else f"finish_{sample.finish_reason}"
-        if not sample.reasoning_closed:
-            return "unclosed_reasoning"
-        if not sample.content.strip():
-            return "empty_answer"
-        return None
+        return [incomplete_reason(candidate.sample) for candidate in batch]
 
 
 class RepetitionCheck:

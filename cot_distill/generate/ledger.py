@@ -89,14 +89,17 @@ def summarize_ledger(samples_path: Path, job_keys: set[str]) -> tuple[set[str], 
     from all runs (truncation must be visible, not only this run's share). The ledger may also hold samples of
     an earlier parameter set, which are not this job's."""
     finished: set[str] = set()
-    total = truncated = tokens = 0
-    for _, obj in iter_jsonl(samples_path):
+    total = truncated = tokens = prompt_tokens = 0
+    for _, obj in iter_jsonl(samples_path) if samples_path.exists() else ():  # a first run has no ledger yet
         if obj.get("request_key") not in job_keys:
             continue
         finished.add(obj["request_key"])
         total += 1
         truncated += obj.get("finish_reason") == "length"
-        tokens += (obj.get("usage") or {}).get("completion_tokens", 0)
+        usage = obj.get("usage") or {}
+        tokens += usage.get("completion_tokens", 0)
+        prompt_tokens += usage.get("prompt_tokens", 0)
     totals = {"truncated_total": truncated, "truncated_fraction": round(truncated / max(total, 1), 4),
-              "mean_completion_tokens": round(tokens / max(total, 1), 1)}
+              "mean_completion_tokens": round(tokens / max(total, 1), 1),
+              "completion_tokens_total": tokens, "prompt_tokens_total": prompt_tokens}
     return finished, totals

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
-from cot_distill.config import GenerateSection, Recipe, TeacherSection, recipe_snapshot
+from cot_distill.config import CorrectnessFilter, GenerateSection, Recipe, TeacherSection, recipe_snapshot
 from cot_distill.data import load_prompts
 from cot_distill.errors import UserError
+from cot_distill.generate.budget import Budget
 from cot_distill.generate.ledger import (
     FAILURES_FILE,
     SAMPLES_FILE,
@@ -42,6 +44,7 @@ from cot_distill.progress import Progress
 from cot_distill.prompts import load_template
 from cot_distill.records import JsonlWriter, Prompt, invalidate_manifest, write_json_atomic, write_manifest
 from cot_distill.teachers.identity import describe, teacher_identity
+from cot_distill.teachers.window import RequestQueue
 
 
 class GenerateError(UserError, RuntimeError):
@@ -59,20 +62,22 @@ def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
     """The generate stage for a recipe; returns the stats dict. See generate_samples."""
     prompts = load_prompts(recipe.data)  # validates every row before any request is sent
     return generate_samples(prompts, recipe.teacher, recipe.generate, snapshot=recipe_snapshot(recipe),
-                            server=server, slot=slot)
+                            server=server, slot=slot, grading=recipe.curate.correctness)
 
 
 def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: GenerateSection, *,
                      snapshot: dict[str, Any], server=None, slot=None,
                      requests: list[SampleRequest] | None = None,
-                     identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                     identity: dict[str, Any] | None = None,
+                     grading: CorrectnessFilter | None = None) -> dict[str, Any]:
     """Linear: plan requests -> resume from the ledger -> run the backend -> stats -> manifest.
 
     `snapshot`: the configuration stored in the manifest. `server`: a LocalVLLMServer the caller launched and
     owns; its death stops the run at once. `slot`: a ServerSlot to launch `teacher.launch` in, instead of a server
     of our own that is stopped at the end. `requests` and `identity`: this job's requests and the teacher identity
     they were planned with, when the caller planned them already (plan_requests over the same prompts, template,
-    teacher and section). Returns the stats dict. Raises GenerateError when requests remain failed (rerun to
+    teacher and section). `grading`: how generate.until_verified grades (curate's correctness settings; their
+    defaults when None). Returns the stats dict. Raises GenerateError when requests remain failed (rerun to
     retry them) or permanent failures exceed generate.max_failed_fraction."""
     out_dir = Path(gen.output_dir)
     template = load_template(gen.prompt_template)
@@ -89,7 +94,8 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
     pending = skip_rejected(pending, rejected_before, gen, out_dir)
     say_what_other_weights_made(samples_path, pending, identity, bool(already))
     progress = Progress(len(requests), len(requests) - len(pending), gen.progress_interval_s)
-    print(f"[generate] {len(prompts)} prompts x {gen.samples_per_prompt} samples = {len(requests)}; "
+    up_to = "up to " if gen.until_verified is not None else ""
+    print(f"[generate] {len(prompts)} prompts x {up_to}{gen.samples_per_prompt} samples = {up_to}{len(requests)}; "
           f"{len(requests) - len(pending)} already done or rejected, {len(pending)} to go -> {out_dir}",
           file=sys.stderr)
 
@@ -99,13 +105,24 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
                 and not gen.retry_failed}
     engine_seed = resume_seed(len(already), gen)
     stopped: GenerateError | None = None
-    with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
-        if pending:
-            try:
-                run_backend(teacher, gen, pending, template.hash, samples, failures, progress, server, slot,
-                            engine_seed, identity, RejectionBudget(rejected, rejected_limit, len(requests)))
-            except GenerateError as exc:
-                stopped = exc  # too many rejections: stats.json still says what happened
+    budget = start_budget(gen, samples_path, job_keys, progress)
+    with ExitStack() as stack:
+        queue, verdicts = RequestQueue(pending), None
+        if gen.until_verified is not None:
+            queue, verdicts = start_until_verified(stack, prompts, pending, gen, grading, samples_path, job_keys)
+            progress.extras.insert(0, queue.progress_text)
+        with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
+            if budget is not None and budget.reached():
+                queue.stop()
+            if not queue.exhausted():
+                try:
+                    run_backend(teacher, gen, queue, template.hash, samples, failures, progress, server, slot,
+                                engine_seed, identity, RejectionBudget(rejected, rejected_limit, len(requests)),
+                                verdicts, budget)
+                except GenerateError as exc:
+                    stopped = exc  # too many rejections: stats.json still says what happened
+        if verdicts is not None:
+            verdicts.close()  # every verdict given (a grading error is raised here)
 
     finished, totals = summarize_ledger(samples_path, job_keys)
     rejections = {key: failure for key, failure in permanent_failures(out_dir / FAILURES_FILE).items()
@@ -130,15 +147,66 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
         "teacher_identity": identity,
     }
     stats.update(totals)
+    counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_expected": len(requests),
+              "failed_permanently": len(rejections)}
+    if gen.until_verified is not None:
+        add_until_verified_stats(stats, queue)
+        counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_cap": len(requests),
+                  "failed_permanently": len(rejections), "prompts_solved": stats["until_verified"]["prompts_solved"],
+                  "prompts_exhausted": stats["until_verified"]["prompts_exhausted"]}
+    if budget is not None:
+        stats["budget"] = budget.stats()
     write_json_atomic(out_dir / STATS_FILE, stats)
-    check_complete(stats, rejected_limit, gen, out_dir, stopped)
-    write_manifest(out_dir, stage="generate", recipe=snapshot,
-                   counts={"prompts": len(prompts), "samples": stats["samples_done"],
-                           "samples_expected": len(requests), "failed_permanently": len(rejections)},
+    check_complete(stats, rejected_limit, gen, out_dir, stopped, budget)
+    write_manifest(out_dir, stage="generate", recipe=snapshot, counts=counts,
                    files=[SAMPLES_FILE, STATS_FILE],
                    extra={"permanent_failure_reasons": stats["permanent_failure_reasons"],
                           "teacher_identity": identity})
     return stats
+
+
+def start_budget(gen: GenerateSection, samples_path: Path, job_keys: set[str], progress: Progress) -> Budget | None:
+    """generate.budget with what the job's ledger already spent, or None without a cap or a price."""
+    if gen.budget.max_completion_tokens is None and gen.budget.max_usd is None and gen.budget.price_per_mtok is None:
+        return None
+    _, totals = summarize_ledger(samples_path, job_keys)
+    budget = Budget(gen.budget, totals["prompt_tokens_total"], totals["completion_tokens_total"])
+    progress.extras.append(budget.progress_text)
+    return budget
+
+
+def start_until_verified(stack: ExitStack, prompts: Sequence[Prompt], pending: list[SampleRequest],
+                         gen: GenerateSection, grading: CorrectnessFilter | None, samples_path: Path,
+                         job_keys: set[str]):
+    """The VerifiedQueue and its grading thread, with the verdicts of the ledger's samples (see until_verified)."""
+    from cot_distill.generate.until_verified import (
+        VerdictThread,
+        VerifiedQueue,
+        gold_answers,
+        ledger_verdicts,
+        open_grader,
+    )
+
+    golds = gold_answers(list(prompts))
+    grader = stack.enter_context(open_grader(grading or CorrectnessFilter()))
+    from_ledger = ledger_verdicts(samples_path, job_keys, golds, grader) if samples_path.exists() else {}
+    queue = VerifiedQueue.build(pending, [prompt.id for prompt in prompts], gen.until_verified, from_ledger)
+    summary = queue.summary()
+    print(f"[generate] until_verified: up to {gen.until_verified.max_samples} samples per prompt until "
+          f"{gen.until_verified.k} verify; from the ledger {summary['samples_verified']} of "
+          f"{summary['samples_graded']} samples verify, {summary['prompts_solved']} prompts solved, "
+          f"{summary['prompts_exhausted']} out of samples", file=sys.stderr)
+    return queue, VerdictThread(queue, grader, golds)
+
+
+def add_until_verified_stats(stats: dict[str, Any], queue) -> None:
+    """In until_verified mode the job's size is a cap, not a target: a solved prompt leaves indices unsent."""
+    summary = queue.summary()
+    stats["samples_cap"] = stats.pop("samples_expected")
+    stats.pop("samples_missing")
+    summary["completion_tokens_per_verified"] = (round(stats["completion_tokens_total"] / summary["samples_verified"],
+                                                       1) if summary["samples_verified"] else None)
+    stats["until_verified"] = summary
 
 
 class RejectionBudget:
@@ -165,15 +233,18 @@ def too_many_rejections(count: int, total: int, limit: int, example: str) -> str
 
 
 def check_complete(stats: dict[str, Any], rejected_limit: int, gen: GenerateSection, out_dir: Path,
-                   stopped: GenerateError | None) -> None:
-    """Raise unless the job may write its manifest: every request has a sample or was rejected for good, and
-    the rejections stay within the limit."""
+                   stopped: GenerateError | None, budget: Budget | None = None) -> None:
+    """Raise unless the job may write its manifest: every request has a sample or was rejected for good (with
+    until_verified: every prompt is solved or out of samples), and the rejections stay within the limit."""
     if stopped is not None:
         raise stopped
-    transient = stats["samples_missing"] - stats["samples_failed_permanently"]
-    if transient:
-        raise GenerateError(f"{transient} of {stats['samples_expected']} samples failed after retries (see "
-                            f"{out_dir / FAILURES_FILE}); rerun the same command to retry only those")
+    unfinished = unfinished_work(stats, out_dir)
+    if unfinished and budget is not None and budget.reached():
+        raise GenerateError(f"the budget is reached: {budget.reached()}; {unfinished}. Raise the cap and rerun "
+                            f"the same command to continue from here")
+    if unfinished:
+        raise GenerateError(f"{unfinished} (see {out_dir / FAILURES_FILE}); rerun the same command to retry "
+                            f"only those")
     if stats["samples_failed_permanently"] > rejected_limit:
         example = next(iter(stats["permanent_failure_reasons"]), "")
         raise GenerateError(too_many_rejections(stats["samples_failed_permanently"], stats["samples_expected"],
@@ -182,6 +253,16 @@ def check_complete(stats: dict[str, Any], rejected_limit: int, gen: GenerateSect
         print(f"[generate] {stats['samples_failed_permanently']} requests were rejected for good and have no "
               f"sample (within generate.max_failed_fraction={gen.max_failed_fraction}); reasons in "
               f"{out_dir / STATS_FILE}", file=sys.stderr)
+
+
+def unfinished_work(stats: dict[str, Any], out_dir: Path) -> str | None:
+    """What the job still lacks, in words, or None."""
+    if "until_verified" in stats:
+        undecided = stats["until_verified"]["prompts_undecided"]
+        return (f"{undecided} of {stats['prompts']} prompts are neither solved nor out of samples" if undecided
+                else None)
+    transient = stats["samples_missing"] - stats["samples_failed_permanently"]
+    return f"{transient} of {stats['samples_expected']} samples have none yet" if transient else None
 
 
 def skip_rejected(pending: list[SampleRequest], rejected: dict[str, dict[str, Any]], gen: GenerateSection,
@@ -228,21 +309,31 @@ def resume_seed(ledger_samples: int, gen: GenerateSection) -> int | None:
     return ledger_samples
 
 
-def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[SampleRequest], template_hash: str,
+def run_backend(teacher: TeacherSection, gen: GenerateSection, queue: RequestQueue, template_hash: str,
                 samples: JsonlWriter, failures: JsonlWriter, progress: Progress, server=None, slot=None,
                 engine_seed: int | None = None, identity: dict[str, Any] | None = None,
-                rejections: RejectionBudget | None = None) -> None:
-    """Send `pending` through the teacher's backend; every completion is written as it lands."""
+                rejections: RejectionBudget | None = None, verdicts=None, budget: Budget | None = None) -> None:
+    """Send what `queue` hands out through the teacher's backend; every completion is written as it lands.
+    `verdicts`: until_verified's VerdictThread, given every sample; `budget`: stops the queue at its cap."""
     from cot_distill.teachers.window import WindowEvents
 
     def on_sample(request: SampleRequest, completion, latency_s: float, attempts: int, endpoint) -> None:
-        samples.write(make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint,
-                                  identity))
+        sample = make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint,
+                             identity)
+        samples.write(sample)
         progress.record_sample(completion)
+        if verdicts is not None:
+            verdicts.submit(sample)  # graded off this thread; the queue hears the verdict
+        if budget is not None:
+            budget.add(completion.prompt_tokens, completion.completion_tokens)
+            if budget.reached():
+                queue.stop()  # what is in flight finishes and is written
 
     def on_failure(request: SampleRequest, error: str, attempts: int, permanent: bool, status: int | None) -> None:
         progress.failed += 1
         failures.write(failure_record(request, error, attempts, permanent, status))
+        if verdicts is not None:
+            queue.on_failure(request, permanent)
         if permanent and rejections is not None:
             failures.sync()  # the record must outlive the GenerateError that may follow
             rejections.record(request, error)
@@ -257,7 +348,7 @@ def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[Sam
     if teacher.backend == "vllm":
         from cot_distill.teachers.vllm_engine import run_in_process
 
-        run_in_process(teacher, gen, pending, events, engine_seed)
+        run_in_process(teacher, gen, queue, events, engine_seed)
         return
     from cot_distill.teachers.serve import maybe_launch
     from cot_distill.teachers.window import run_window
@@ -266,4 +357,4 @@ def run_backend(teacher: TeacherSection, gen: GenerateSection, pending: list[Sam
         print(f"[generate] the ledger holds {engine_seed} samples: a server started for it uses --seed "
               f"{engine_seed} so new samples do not replay the first run's random stream", file=sys.stderr)
     with maybe_launch(teacher, gen.sampling, gen.output_dir, slot=slot, seed=engine_seed) as (base_urls, launched):
-        asyncio.run(run_window(teacher, gen, base_urls, pending, events, launched or server))
+        asyncio.run(run_window(teacher, gen, base_urls, queue, events, launched or server))

@@ -35,7 +35,7 @@ from cot_distill.config import GenerateSection, TeacherSection
 from cot_distill.reasoning import split_reasoning
 from cot_distill.records import Completion, SampleRequest
 from cot_distill.teachers.serve import check_cpu_sampling, cpu_engine_env, serving_dtype
-from cot_distill.teachers.window import WindowEvents
+from cot_distill.teachers.window import RequestQueue, WindowEvents, as_queue
 
 CHAT_KWARGS = {"chat_template_kwargs"}  # extra_body keys that go to the chat template, not to SamplingParams
 ENGINE_ERRORS = ("error", "abort")  # finish reasons of an engine-side failure: its server answers them with a 500
@@ -87,20 +87,20 @@ def start_engine(teacher: TeacherSection, engine_seed: int | None = None):
     return LLM(model=resolve_model_path(teacher.model), **engine_kwargs)
 
 
-def run_in_process(teacher: TeacherSection, gen: GenerateSection, pending: list, events: WindowEvents,
+def run_in_process(teacher: TeacherSection, gen: GenerateSection, pending, events: WindowEvents,
                    engine_seed: int | None = None) -> None:
-    """Run `pending` SampleRequests on an in-process engine; every outcome goes back through `events`."""
+    """Run `pending` (SampleRequests, or a RequestQueue) on an in-process engine; every outcome goes back through
+    `events`."""
     check_cpu_sampling(gen.sampling)
-    if pending:
-        to_sampling_params(pending[0].params)  # a bad extra_body key fails now, not after a minute of loading
+    to_sampling_params(gen.sampling.model_dump())  # a bad extra_body key fails now, not after a minute of loading
     llm = start_engine(teacher, engine_seed)
     events.on_ready()  # tok/s measures generation, not model loading
     run_on_engine(llm, teacher, gen, pending, events)
 
 
-def run_on_engine(llm, teacher: TeacherSection, gen: GenerateSection, pending: list, events: WindowEvents) -> None:
+def run_on_engine(llm, teacher: TeacherSection, gen: GenerateSection, pending, events: WindowEvents) -> None:
     """`pending` through an engine started by start_engine, with no barrier: see the module docstring."""
-    StepLoop(llm, teacher, gen, events).run(pending)
+    StepLoop(llm, teacher, gen, events).run(as_queue(pending))
 
 
 @dataclass
@@ -121,22 +121,32 @@ class StepLoop:
         self.chat_kwargs = {k: v for k, v in (gen.sampling.extra_body or {}).items() if k in CHAT_KWARGS}
         self.final_only = RequestOutputKind.FINAL_ONLY
         self.rejected = rejection_errors()
-        self.queue: deque[tuple[SampleRequest, int]] = deque()
+        self.retries: deque[tuple[SampleRequest, int]] = deque()  # (request, attempt number) to add again
         self.in_flight: dict[str, Attempt] = {}  # engine request id -> its attempt
 
-    def run(self, pending: list) -> None:
-        self.queue.extend((request, 1) for request in pending)
+    def run(self, queue: RequestQueue) -> None:
         try:
-            while self.queue or self.in_flight:
-                while self.queue and len(self.in_flight) < self.window:
-                    self.add(*self.queue.popleft())
+            while self.retries or self.in_flight or not queue.exhausted():
+                self.fill(queue)
                 if self.in_flight:
                     self.step()
                     self.abort_overdue()
+                elif not self.retries:
+                    time.sleep(queue.POLL_S)  # the queue waits on a verdict: it may have more soon
         finally:
             # A run stopped early (too many rejections, Ctrl+C) must not leave the engine generating for nobody.
             if self.in_flight:
                 self.engine.abort_request(list(self.in_flight))
+
+    def fill(self, queue: RequestQueue) -> None:
+        """Retries first (they keep their place), then new requests, while the window has room."""
+        while len(self.in_flight) < self.window:
+            if self.retries:
+                self.add(*self.retries.popleft())
+            elif (request := queue.take()) is not None:
+                self.add(request, 1)
+            else:
+                return
 
     def add(self, request: SampleRequest, number: int) -> None:
         params = to_sampling_params(request.params)  # outside the try: a bad config is not the request's fault
@@ -185,7 +195,7 @@ class StepLoop:
             self.finish_failed(attempt.request, attempt.number, error, permanent=False)
             return
         self.events.on_error(error, True)
-        self.queue.appendleft((attempt.request, attempt.number + 1))  # it takes the slot it just freed
+        self.retries.append((attempt.request, attempt.number + 1))  # it takes the next free slot
 
     def finish_failed(self, request: SampleRequest, attempts: int, error: str, *, permanent: bool) -> None:
         self.events.on_error(error, False)

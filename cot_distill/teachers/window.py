@@ -15,6 +15,7 @@ import asyncio
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,6 +54,37 @@ class WindowEvents:
     on_tick: Callable[[int], None]
 
 
+class RequestQueue:
+    """The requests of a job, handed out one at a time as slots free up. This one is a fixed list; generate's
+    until_verified queue (generate/until_verified.py) decides per prompt as verdicts arrive, so it can have
+    nothing to give now and more later. Both backends poll it: take() -> a request, or None for "nothing now";
+    exhausted() -> nothing will ever come. stop() ends the handing out (a spent budget); what is in flight
+    finishes. Thread-safe where it matters: only the until_verified queue is touched by a second thread."""
+
+    POLL_S = 0.02  # how often a free slot asks again while take() has nothing: far below one request's time
+
+    def __init__(self, requests: list | None = None):
+        self._requests = deque(requests or ())
+        self.stopped = False
+
+    def take(self):
+        return self._requests.popleft() if self._requests and not self.stopped else None
+
+    def exhausted(self) -> bool:
+        return self.stopped or not self._requests
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def __len__(self) -> int:
+        """How many requests may still be handed out, at most: the window never starts more workers."""
+        return 0 if self.stopped else len(self._requests)
+
+
+def as_queue(pending) -> RequestQueue:
+    return pending if isinstance(pending, RequestQueue) else RequestQueue(pending)
+
+
 def read_api_key(teacher: TeacherSection) -> str | None:
     env_name = teacher.api_key_env
     if not env_name:
@@ -63,9 +95,9 @@ def read_api_key(teacher: TeacherSection) -> str | None:
     return value
 
 
-async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: list[str], pending: list,
+async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: list[str], pending,
                      events: WindowEvents, server=None) -> None:
-    """Send every request of `pending` (SampleRequests). `server`: a local server we launched; its death stops
+    """Send every request of `pending` (SampleRequests, or a RequestQueue). `server`: a local server we launched; its death stops
     the run at once instead of minutes of retries."""
     pool = EndpointPool.from_urls(base_urls, eject_after_failures=gen.eject_after_failures,
                                   eject_cooldown_s=gen.eject_cooldown_s, give_up_after_s=gen.give_up_after_s)
@@ -75,11 +107,18 @@ async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: l
     async with client:
         await preflight(client, pool, teacher.model)
         events.on_ready()
-        queue = iter(pending)
+        queue = as_queue(pending)
         in_flight = [0]
 
+        async def next_request():
+            while (request := queue.take()) is None:
+                if queue.exhausted():
+                    return None
+                await asyncio.sleep(queue.POLL_S)  # the queue waits on a verdict: it may have more soon
+            return request
+
         async def worker() -> None:
-            for request in queue:  # a shared iterator: each worker takes the next request when it frees up
+            while (request := await next_request()) is not None:  # each worker takes the next when it frees up
                 in_flight[0] += 1
                 try:
                     await one_request(client, pool, limiter, request, gen, events)
@@ -93,7 +132,7 @@ async def run_window(teacher: TeacherSection, gen: GenerateSection, base_urls: l
                 server.check_alive()
                 await asyncio.sleep(1.0)
 
-        tasks = [asyncio.create_task(worker()) for _ in range(min(gen.concurrency, len(pending)))]
+        tasks = [asyncio.create_task(worker()) for _ in range(min(gen.concurrency, len(queue)))]
         all_workers = asyncio.gather(*tasks)
         watcher = asyncio.create_task(watch_local_server()) if server is not None else None
         try:
