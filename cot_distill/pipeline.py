@@ -230,13 +230,15 @@ def model_summary(eval_dir: Path, train: TrainSection | None = None) -> dict[str
     return summary
 
 
-def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | None, clock: StageClock) -> Path:
+def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | None, clock: StageClock,
+                 comparison: dict[str, Any] | None = None) -> Path:
     students = trained_students(recipe)
     models = {label: model_summary(folder, students.get(label)) for label, folder in folders.items()}
     report: dict[str, Any] = {"recipe": recipe.name, "created_at": utc_now(), **models}
     teacher, after = models.get(TEACHER), models.get(AFTER)
     if teacher is not None and after is not None:
         report["retention"] = round(after["pass@1"] / teacher["pass@1"], 4) if teacher["pass@1"] else None
+        report.update(retention_uncertainty(comparison, folders[AFTER]))
         report.update({"teacher_params": teacher["parameters"], "student_params": after["parameters"],
                        "teacher_layers": teacher["layers"], "student_layers": after["layers"]})
     report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER)]
@@ -247,6 +249,23 @@ def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, report)
     return path
+
+
+def retention_uncertainty(comparison: dict[str, Any] | None, student_folder: Path) -> dict[str, Any]:
+    """The trained student's retention per benchmark with its standard error, from compare's rows; with one
+    benchmark its error is also `retention_se` (as a ratio, like `retention`): one run's 1.00 can be +-0.15."""
+    if comparison is None:
+        return {}
+    label = next(name for name, folder in comparison["folders"].items() if Path(folder) == student_folder)
+    by_benchmark = {row["benchmark"]: {"retention": None if row["retention_percent"] is None
+                                       else round(row["retention_percent"] / 100, 4),
+                                       "se": None if row["retention_se_percent"] is None
+                                       else round(row["retention_se_percent"] / 100, 4),
+                                       "method": row["retention_se_method"]}
+                    for row in comparison["rows"] if row["model"] == label}
+    single = next(iter(by_benchmark.values())) if len(by_benchmark) == 1 else {}
+    return {"retention_se": single.get("se"), "retention_se_method": single.get("method"),
+            "retention_by_benchmark": by_benchmark}
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -288,10 +307,11 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
 
     from cot_distill.evaluate import run_compare
 
-    compare_dir = None
+    compare_dir, comparison = None, None
     if len(folders) > 1:
         compare_dir = Path(recipe.eval.output_dir) / "compare"
-        print(run_compare(list(folders.values()), compare_dir, folders[TEACHER])["markdown"])
-    report = write_report(recipe, folders, compare_dir, clock)
+        comparison = run_compare(list(folders.values()), compare_dir, folders[TEACHER])
+        print(comparison["markdown"])
+    report = write_report(recipe, folders, compare_dir, clock, comparison)
     log(f"all stages done in {clock.elapsed():.0f} s; report: {report}")
     return report

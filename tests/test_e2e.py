@@ -72,6 +72,9 @@ def test_run_all_stages_then_reuse_them(tmp_path, tiny_model_dir):
         assert report[model]["layers"] == 2 and report[model]["parameters"] > 0
     assert report["student_after"]["method"] == "sft"
     assert report["student_layers"] == report["teacher_layers"] == 2
+    # Retention per benchmark with its standard error (None where the tiny teacher scores 0: no ratio to bound).
+    assert set(report["retention_by_benchmark"]) == set(report["student_after"]["benchmarks"])
+    assert "retention_se" in report
     assert report["student_params"] == report["teacher_params"]
     assert report["wall_seconds"] > 0 and "train student_after" in report["stages"]
 

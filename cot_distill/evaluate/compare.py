@@ -1,8 +1,9 @@
 """Reports over eval results: the table printed after `eval`, and `compare` of eval folders.
 
 compare answers "how much of the teacher did the student keep, at what cost": accuracy and retention (student
-pass@1 / reference pass@1), tokens per answer, latency, throughput, memory, parameters and size on disk, as
-report.md, report.png (pass@k curves; accuracy vs tokens) and comparison.json; manifest.json last.
+pass@1 / reference pass@1), each with its standard error, tokens per answer, latency, throughput, memory,
+parameters and size on disk, as report.md, report.png (pass@k curves; accuracy vs tokens) and comparison.json;
+manifest.json last.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from cot_distill.config.eval import EvalError
+from cot_distill.evaluate.metrics import problem_score, samples_by_problem
 from cot_distill.records import (
     invalidate_manifest,
+    iter_jsonl,
     read_json,
     read_manifest,
     utc_now,
@@ -21,6 +24,12 @@ from cot_distill.records import (
 )
 
 MISSING = "—"
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+PAIRED_BOOTSTRAP = "paired_bootstrap"
+DELTA_METHOD = "delta_method"
+IS_REFERENCE = "reference"
+DELTA_MARK = "†"  # marks a retention whose standard error came from the delta method
 
 
 def _number(value: float | int | None, digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
@@ -29,6 +38,16 @@ def _number(value: float | int | None, digits: int = 1, scale: float = 1.0, suff
 
 def _percent(value: float | None) -> str:
     return _number(value, 1, 100, "%")
+
+
+def _with_se(value: str, se: str) -> str:
+    """"60.0% ± 3.1"; "—" alone when there is no value, "± —" when the value has no known standard error."""
+    return MISSING if value == MISSING else f"{value} ± {se}"
+
+
+def _percent_with_se(value: float | None, se: float | None) -> str:
+    """A share and its standard error, both in percentage points: "60.0% ± 3.1"."""
+    return _with_se(_percent(value), _number(se, 1, 100))
 
 
 def _bytes(value: int | None) -> str:
@@ -64,7 +83,8 @@ def results_table(results: dict[str, Any]) -> str:
         k, best = best_pass_at_k(metrics)
         latency = metrics["latency_s"]
         rows.append([name, str(metrics["problems"]), str(metrics["samples_per_problem"]),
-                     _percent(metrics["pass_at_1"]), f"{_percent(best)} (k={k})", _percent(metrics["maj_at_k"]),
+                     _percent_with_se(metrics["pass_at_1"], metrics.get("pass_at_1_stderr")),
+                     f"{_percent(best)} (k={k})", _percent(metrics["maj_at_k"]),
                      _percent(metrics["truncation_rate"]), _number(metrics["mean_completion_tokens"], 0),
                      f"{_number(latency['p50'], 2)} / {_number(latency['p95'], 2)}",
                      _number(metrics.get("throughput_tokens_per_s"), 0)])
@@ -87,6 +107,22 @@ def load_results(folder: Path) -> dict[str, Any]:
     return read_json(folder / "results.json")
 
 
+def load_problem_scores(folder: Path, results: dict[str, Any]) -> dict[str, dict[str, float] | None]:
+    """Per benchmark, each problem's pass@1 from the eval's graded.jsonl (one line per sample); None for a benchmark
+    without one (a folder written before graded.jsonl existed, or by hand)."""
+    from cot_distill.evaluate.run import GRADED_FILE  # imported here: run imports this module
+
+    scores: dict[str, dict[str, float] | None] = {}
+    for benchmark, metrics in results["benchmarks"].items():
+        path = folder / benchmark / GRADED_FILE
+        if not path.is_file():
+            scores[benchmark] = None
+            continue
+        grouped = samples_by_problem([row for _, row in iter_jsonl(path)], metrics["samples_per_problem"])
+        scores[benchmark] = {prompt_id: problem_score(rows) for prompt_id, rows in grouped.items()}
+    return scores
+
+
 def labels_for(folders: list[Path]) -> list[str]:
     """Folder names, or parent/name where two folders share a name."""
     names = [folder.name for folder in folders]
@@ -101,24 +137,86 @@ def retention(student: float | None, reference: float | None) -> float | None:
     return round(100 * student / reference, 1)
 
 
-def comparison_rows(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """One row per (benchmark, model), in benchmark order of first appearance, then folder order."""
+# Why two methods. Both models answer the same problems, so their pass@1s are correlated (a hard problem is hard
+# for both) and a ratio's error from two independent standard errors overstates it. Resampling problems with
+# replacement and recomputing both pass@1s on the SAME resample keeps that pairing and assumes nothing about the
+# ratio's distribution, so it is used whenever both folders have per-problem results over the same problem ids.
+# Otherwise (no graded.jsonl, or other problems) only the two pass@1 standard errors are known, and the delta
+# method for a ratio of two independent means is all that can be said.
+
+def paired_bootstrap_retention_se(student: dict[str, float], reference: dict[str, float],
+                                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> float | None:
+    """Standard error of mean(student) / mean(reference) (a ratio, 1.0 = all kept) over resamples of the problems,
+    both means on the same resampled problems. Per-problem pass@1s keyed by the same problem ids."""
+    import numpy as np
+
+    problem_ids = sorted(reference)
+    student_scores = np.array([student[problem_id] for problem_id in problem_ids])
+    reference_scores = np.array([reference[problem_id] for problem_id in problem_ids])
+    picks = np.random.default_rng(seed).integers(0, len(problem_ids), size=(resamples, len(problem_ids)))
+    student_means = student_scores[picks].mean(axis=1)
+    reference_means = reference_scores[picks].mean(axis=1)
+    # a resample in which the reference solved nothing has no ratio; it is dropped (rare unless pass@1 is near 0)
+    defined = reference_means > 0
+    if defined.sum() < 2:
+        return None
+    return float(np.std(student_means[defined] / reference_means[defined], ddof=1))
+
+
+def delta_method_retention_se(student_pass: float, student_se: float | None,
+                              reference_pass: float, reference_se: float | None) -> float | None:
+    """First-order standard error of R = p_s / p_r for independent p_s, p_r: R * sqrt((se_s/p_s)^2 + (se_r/p_r)^2),
+    written as sqrt(se_s^2 + R^2 se_r^2) / p_r, the same number that stays defined when p_s = 0."""
+    if student_se is None or reference_se is None or not reference_pass:
+        return None
+    ratio = student_pass / reference_pass
+    return (student_se ** 2 + ratio ** 2 * reference_se ** 2) ** 0.5 / reference_pass
+
+
+def retention_se(student: dict[str, Any], reference: dict[str, Any] | None, student_scores: dict[str, float] | None,
+                 reference_scores: dict[str, float] | None, is_reference: bool) -> tuple[float | None, str | None]:
+    """(standard error of retention in %, the method that gave it) for one benchmark's metrics of two models;
+    (None, None) where retention itself is undefined or nothing is known of the spread."""
+    if reference is None or retention(student["pass_at_1"], reference["pass_at_1"]) is None:
+        return None, None
+    if is_reference:
+        return 0.0, IS_REFERENCE  # the reference against itself is 100% by definition
+    if student_scores is not None and reference_scores is not None and student_scores.keys() == reference_scores.keys():
+        se, method = paired_bootstrap_retention_se(student_scores, reference_scores), PAIRED_BOOTSTRAP
+    else:
+        se = delta_method_retention_se(student["pass_at_1"], student.get("pass_at_1_stderr"),
+                                       reference["pass_at_1"], reference.get("pass_at_1_stderr"))
+        method = DELTA_METHOD
+    return (None, None) if se is None else (round(100 * se, 1), method)
+
+
+def comparison_rows(runs: dict[str, dict[str, Any]], reference: str,
+                    scores: dict[str, dict[str, dict[str, float] | None]] | None = None) -> list[dict[str, Any]]:
+    """One row per (benchmark, model), in benchmark order of first appearance, then folder order. `scores`: per
+    label and benchmark, each problem's pass@1 (load_problem_scores); without it retention's standard error comes
+    from the delta method."""
+    scores = scores or {}
     benchmarks = list(dict.fromkeys(name for results in runs.values() for name in results["benchmarks"]))
     rows = []
     for benchmark in benchmarks:
         reference_metrics = runs[reference]["benchmarks"].get(benchmark)
         reference_pass = reference_metrics["pass_at_1"] if reference_metrics else None
+        reference_scores = scores.get(reference, {}).get(benchmark)
         for label, results in runs.items():
             metrics = results["benchmarks"].get(benchmark)
             if metrics is None:
                 continue
             model = results["model"]
             memory = model.get("peak_memory") or {}
+            se, method = retention_se(metrics, reference_metrics, scores.get(label, {}).get(benchmark),
+                                      reference_scores, label == reference)
             rows.append({
                 "benchmark": benchmark, "model": label, "is_reference": label == reference,
-                "pass_at_1": metrics["pass_at_1"], "pass_at_k": metrics["pass_at_k"], "maj_at_k": metrics["maj_at_k"],
+                "pass_at_1": metrics["pass_at_1"], "pass_at_1_stderr": metrics.get("pass_at_1_stderr"),
+                "pass_at_k": metrics["pass_at_k"], "maj_at_k": metrics["maj_at_k"],
                 "samples_per_problem": metrics["samples_per_problem"],
                 "retention_percent": retention(metrics["pass_at_1"], reference_pass),
+                "retention_se_percent": se, "retention_se_method": method,
                 "mean_completion_tokens": metrics["mean_completion_tokens"],
                 "latency_p50_s": metrics["latency_s"]["p50"], "latency_p95_s": metrics["latency_s"]["p95"],
                 "throughput_tokens_per_s": metrics.get("throughput_tokens_per_s"),
@@ -134,16 +232,27 @@ def comparison_markdown(rows: list[dict[str, Any]], reference: str) -> str:
     header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "truncated",
               "latency p50 / p95 (s)", "tok/s", "peak memory (RSS / GPU)", "parameters", "layers", "size on disk"]
     table = [[row["benchmark"], row["model"] + (" (reference)" if row["is_reference"] else ""),
-              _percent(row["pass_at_1"]), _percent(row["maj_at_k"]), _number(row["retention_percent"], 1, 1, "%"),
+              _percent_with_se(row["pass_at_1"], row.get("pass_at_1_stderr")), _percent(row["maj_at_k"]),
+              retention_cell(row),
               _number(row["mean_completion_tokens"], 0), _percent(row.get("truncation_rate")),
               f"{_number(row['latency_p50_s'], 2)} / {_number(row['latency_p95_s'], 2)}",
               _number(row["throughput_tokens_per_s"], 0),
               f"{_bytes(row['peak_rss_bytes'])} / {_bytes(row['peak_gpu_bytes'])}",
               _count(row["parameters"]), _count(row.get("layers")), _bytes(row["size_on_disk_bytes"])]
              for row in rows]
-    note = (f"Retention = pass@1 / pass@1 of the reference ({reference}). Peak memory is measured only for models "
-            f"eval served itself ({MISSING}: a remote endpoint).")
+    note = (f"Retention = pass@1 / pass@1 of the reference ({reference}). ± is one standard error, in percentage "
+            f"points: of pass@1 over problems; of retention by a paired bootstrap over the problems both models "
+            f"answered ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}), or, marked {DELTA_MARK}, by the delta "
+            f"method for two independent means where per-problem results are missing or cover other problems. Peak "
+            f"memory is measured only for models eval served itself ({MISSING}: a remote endpoint).")
     return "\n".join(["# Comparison", "", markdown_table(header, table), "", note])
+
+
+def retention_cell(row: dict[str, Any]) -> str:
+    """"75.0% ± 9.1", with the delta method's mark where it gave the standard error."""
+    value = _number(row["retention_percent"], 1, 1, "%")
+    cell = _with_se(value, _number(row.get("retention_se_percent"), 1))
+    return cell + DELTA_MARK if row.get("retention_se_method") == DELTA_METHOD else cell
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
@@ -193,8 +302,9 @@ def run_compare(result_dirs: list[str | Path], out_dir: str | Path,
     reference_folder = Path(reference) if reference is not None else folders[0]
     labels = labels_for(folders)
     runs = {label: load_results(folder) for label, folder in zip(labels, folders)}
+    scores = {label: load_problem_scores(folder, runs[label]) for label, folder in zip(labels, folders)}
     reference_label = labels[[folder.resolve() for folder in folders].index(reference_folder.resolve())]
-    rows = comparison_rows(runs, reference_label)
+    rows = comparison_rows(runs, reference_label, scores)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +313,8 @@ def run_compare(result_dirs: list[str | Path], out_dir: str | Path,
     (out_dir / "report.md").write_text(markdown + "\n", encoding="utf-8")
     plot_comparison(rows, out_dir / "report.png")
     comparison = {"created_at": utc_now(), "reference": reference_label,
-                  "folders": {label: str(folder) for label, folder in zip(labels, folders)}, "rows": rows}
+                  "folders": {label: str(folder) for label, folder in zip(labels, folders)},
+                  "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED}, "rows": rows}
     write_json_atomic(out_dir / "comparison.json", comparison)
     write_manifest(out_dir, stage="compare", recipe={"folders": comparison["folders"], "reference": reference_label},
                    counts={"models": len(runs), "rows": len(rows)},

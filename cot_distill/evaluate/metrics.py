@@ -81,11 +81,16 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def problem_score(problem_rows: list[dict[str, Any]]) -> float:
+    """One problem's pass@1: the share of its K samples graded correct (ungradable counts as wrong)."""
+    return sum(row["correct"] is True for row in problem_rows) / len(problem_rows)
+
+
 def accuracy_by_group(grouped: dict[str, list[dict[str, Any]]], field: str) -> dict[str, dict[str, Any]]:
     per_value: dict[str, list[float]] = defaultdict(list)
     for problem_rows in grouped.values():
         value = str(problem_rows[0]["groups"].get(field))
-        per_value[value].append(sum(row["correct"] is True for row in problem_rows) / len(problem_rows))
+        per_value[value].append(problem_score(problem_rows))
     return {value: {"problems": len(scores), "pass_at_1": round(statistics.fmean(scores), 4)}
             for value, scores in sorted(per_value.items())}
 
@@ -94,7 +99,7 @@ def benchmark_metrics(rows: list[dict[str, Any]], samples: int, group_by: tuple[
     """Metrics of one benchmark from its graded rows (one per sample). Incorrect and ungradable both count as wrong."""
     grouped = samples_by_problem(rows, samples)
     correct_counts = [sum(row["correct"] is True for row in problem_rows) for problem_rows in grouped.values()]
-    per_problem_accuracy = [count / samples for count in correct_counts]
+    per_problem_accuracy = [problem_score(problem_rows) for problem_rows in grouped.values()]
     latencies = [row["latency_s"] for row in rows if row.get("latency_s") is not None]
     metrics = {
         "problems": len(grouped),
