@@ -18,7 +18,6 @@ comparing two runs back to back under the same machine load (see generate_throug
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -75,7 +74,6 @@ def run_once(recipe_path: Path) -> tuple[float, float]:
     stats = run_generate(recipe)
     wall = time.monotonic() - started
     assert stats["samples_done"] == stats["samples_expected"], stats
-    gc.collect()  # the in-process round's engine goes now, not during the next round
     return stats["completion_tokens_per_s"], wall
 
 

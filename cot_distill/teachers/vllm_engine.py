@@ -94,8 +94,13 @@ def run_in_process(teacher: TeacherSection, gen: GenerateSection, pending, event
     check_cpu_sampling(gen.sampling)
     to_sampling_params(gen.sampling.model_dump())  # a bad extra_body key fails now, not after a minute of loading
     llm = start_engine(teacher, engine_seed)
-    events.on_ready()  # tok/s measures generation, not model loading
-    run_on_engine(llm, teacher, gen, pending, events)
+    try:
+        events.on_ready()  # tok/s measures generation, not model loading
+        run_on_engine(llm, teacher, gen, pending, events)
+    finally:
+        # Its engine process, weights and KV cache go now, not at some later garbage collection: the next stage
+        # (eval launches a server for this model) or the next job in this process needs the memory and cores.
+        llm.llm_engine.engine_core.shutdown()
 
 
 def run_on_engine(llm, teacher: TeacherSection, gen: GenerateSection, pending, events: WindowEvents) -> None:
