@@ -51,6 +51,10 @@ def generate(
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="Resend the requests the teacher rejected for good in earlier runs "
                                            "(same as --set generate.retry_failed=true)."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                        help="Run shard I of N (0-based): the prompts whose id hashes to I, into "
+                                             "OUTPUT_DIR/shard-I-of-N/. One per node of a job array; curate and "
+                                             "run read all N shards (same as --set generate.shard=I/N)."),
 ) -> None:
     """Write N reasoning traces per prompt from the teacher into OUTPUT_DIR/samples.jsonl.
 
@@ -62,11 +66,10 @@ def generate(
     stats.json and, when the job is complete, manifest.json are written at the end.
     """
     from cot_distill import generate as stage
-    from cot_distill.records import read_json
 
-    loaded = _load(recipe, [*(set_ or []), *(["generate.retry_failed=true"] if retry_failed else [])])
-    out_dir = _run_stage(lambda: stage.run(loaded))
-    stats = read_json(out_dir / stage.STATS_FILE)
+    loaded = _load(recipe, [*(set_ or []), *(["generate.retry_failed=true"] if retry_failed else []),
+                            *([f"generate.shard={shard}"] if shard else [])])
+    stats = _run_stage(lambda: stage.run_generate(loaded))
     typer.echo(f"done: {stats['samples_done']} samples, {stats['completion_tokens_per_s']} tok/s, "
                f"truncated {stats['truncated_total']} -> {loaded.generate.output_dir}")
 

@@ -60,6 +60,16 @@ def output_hash(folder: str | Path, name: str) -> str:
     return manifest.get("files", {}).get(name, "")
 
 
+def generate_output_hash(output_dir: str | Path) -> str:
+    """What curate reads of generate's output: the ledger's hash, or every shard's (generate/shards.py)."""
+    from cot_distill.generate.shards import generate_parts
+
+    parts = generate_parts(output_dir)
+    if len(parts) == 1:
+        return output_hash(output_dir, "samples.jsonl")
+    return stable_hash([output_hash(part.folder, "samples.jsonl") for part in parts])
+
+
 def reuse_or_run(name: str, out_dir: str | Path, fingerprint: str, stage: Callable[[], Any]) -> bool:
     """Run a stage unless its folder holds a manifest written from the same inputs. Returns True if it ran."""
     marker = Path(out_dir) / FINGERPRINT_FILE
@@ -114,7 +124,16 @@ def served_like_teacher(model_dir: Path, name: str, teacher: TeacherSection) -> 
 
 def run_generate_stage(recipe: Recipe, slot=None) -> None:
     from cot_distill import generate
+    from cot_distill.generate.shards import generate_parts, unfinished
 
+    parts = generate_parts(recipe.generate.output_dir)
+    if len(parts) > 1:  # generated elsewhere, shard by shard (generate --shard I/N): use it, never mix into it
+        if unfinished(parts):
+            raise PipelineError(f"shards {', '.join(part.name for part in unfinished(parts))} of "
+                                f"{recipe.generate.output_dir} are unfinished: complete them with `cot-distill "
+                                f"generate RECIPE --shard I/N` before `run`")
+        log(f"generate: all {len(parts)} shards of {recipe.generate.output_dir} are complete; using them")
+        return
     generate.run(recipe, slot=slot)  # resumable by itself: starts no server when every sample exists
 
 
@@ -122,7 +141,7 @@ def run_curate_stage(recipe: Recipe) -> bool:
     from cot_distill import curate
 
     fingerprint = stable_hash([recipe.curate.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
-                               recipe.generate.prompt_template, output_hash(recipe.generate.output_dir, "samples.jsonl")])
+                               recipe.generate.prompt_template, generate_output_hash(recipe.generate.output_dir)])
     return reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: curate.run(recipe))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cot_distill.config import load_recipe
-from cot_distill.generate import GenerateError, run_generate
+from cot_distill.generate import run_generate
 from cot_distill.records import iter_jsonl, read_json, read_manifest
 
 from conftest import REPO_ROOT, SERVED_NAME, run_cli, write_recipe

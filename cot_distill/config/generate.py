@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cot_distill.config.base import Strict
 
@@ -73,6 +74,14 @@ class RateLimitSection(Strict):
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), with 0 <= I < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 class UntilVerifiedSection(Strict):
     """Sample a prompt until it has k verified traces (graded as curate grades them: complete, not truncated, the
     anchored answer matches the gold one), or until it has max_samples samples."""
@@ -135,6 +144,17 @@ class GenerateSection(Strict):
     # number of samples per prompt at most: samples_per_prompt follows it, and a different one is an error.
     until_verified: UntilVerifiedSection | None = None
     budget: BudgetSection = BudgetSection()
+    # "I/N": this run is shard I of N (generate/shards.py): the prompts whose id hashes to I, written under
+    # output_dir/shard-I-of-N/. The later stages read all N shards of output_dir.
+    shard: str | None = None
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def shard_is_i_of_n(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        index, count = parse_shard(value)
+        return f"{index}/{count}"
 
     @model_validator(mode="before")
     @classmethod

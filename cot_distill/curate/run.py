@@ -46,7 +46,7 @@ from cot_distill.curate.report import (
 from cot_distill.curate.rows import PromptRenderer, Selector, source_of, training_row
 from cot_distill.data import load_prompts
 from cot_distill.dedup import DEFAULT_BACKEND
-from cot_distill.generate import SAMPLES_FILE
+from cot_distill.generate.shards import combined_manifest, generate_parts, unfinished
 from cot_distill.records import (
     JsonlWriter,
     Prompt,
@@ -54,7 +54,6 @@ from cot_distill.records import (
     Sample,
     invalidate_manifest,
     iter_jsonl,
-    read_manifest,
     write_json_atomic,
     write_manifest,
 )
@@ -65,31 +64,41 @@ CARD_FILE, HISTOGRAM_FILE, SPOOL_FILE = "README.md", "length_histogram.png", ".s
 
 # --------------------------------------------------------------------------------------------- input, stream
 
-def locate_samples(recipe: Recipe) -> tuple[Path, dict[str, Any] | None]:
+def locate_samples(recipe: Recipe) -> tuple[list[Path], dict[str, Any] | None, str]:
+    """(the ledgers to read: generate's samples.jsonl, or one per shard; their manifest, None while unfinished;
+    how to name them in messages)."""
     generate_dir = Path(recipe.generate.output_dir)
-    samples_path = generate_dir / SAMPLES_FILE
-    if not samples_path.is_file():
-        raise CurateError(f"{samples_path} does not exist: run `cot-distill generate` with this recipe first")
-    manifest = read_manifest(generate_dir)
-    if manifest is None and not recipe.curate.allow_incomplete:
-        raise CurateError(f"{generate_dir} has no manifest.json: the generate stage has not finished (rerun "
-                          f"`cot-distill generate` to complete it, or set curate.allow_incomplete: true)")
-    return samples_path, manifest
+    parts = generate_parts(generate_dir)
+    paths = [part.samples_path for part in parts]
+    label = str(paths[0]) if len(parts) == 1 else f"{generate_dir} ({len(parts)} shards)"
+    absent = [path for path in paths if not path.is_file()]
+    if absent and len(parts) == 1:
+        raise CurateError(f"{absent[0]} does not exist: run `cot-distill generate` with this recipe first")
+    unfinished_parts = unfinished(parts)
+    if unfinished_parts and not recipe.curate.allow_incomplete:
+        where = (f"{generate_dir} has no manifest.json" if len(parts) == 1 else
+                 f"shards {', '.join(folder.name for folder in unfinished_parts)} of {generate_dir} have no "
+                 f"manifest.json")
+        raise CurateError(f"{where}: the generate stage has not finished (rerun `cot-distill generate` to complete "
+                          f"it, or set curate.allow_incomplete: true)")
+    return [path for path in paths if path.is_file()], combined_manifest(parts), label
 
 
-def read_batches(path: Path, batch_size: int, tolerate_torn_tail: bool) -> Iterator[list[tuple[int, Sample]]]:
-    """Validated samples in batches; a malformed line raises RecordError naming the file, line and field."""
+def read_batches(paths: list[Path], batch_size: int, tolerate_torn_tail: bool) -> Iterator[list[tuple[int, Sample]]]:
+    """Validated samples in batches, file after file; a malformed line raises RecordError naming the file, line
+    and field."""
     batch: list[tuple[int, Sample]] = []
-    for line_no, obj in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail):
-        try:
-            batch.append((line_no, Sample.model_validate(obj)))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(part) for part in error["loc"]) or "(record)"
-            raise RecordError(f"{path}:{line_no}: {field}: {error['msg']}") from None
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
+    for path in paths:
+        for line_no, obj in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail):
+            try:
+                batch.append((line_no, Sample.model_validate(obj)))
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(str(part) for part in error["loc"]) or "(record)"
+                raise RecordError(f"{path}:{line_no}: {field}: {error['msg']}") from None
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -116,7 +125,7 @@ def record_output(run: RunRecord, prompt: Prompt, tokens: int) -> None:
     run.source_out[source_of(prompt)] += 1
 
 
-def stream(recipe: Recipe, samples_path: Path, prompts: dict[str, Prompt], complete: bool, run: RunRecord,
+def stream(recipe: Recipe, samples_paths: list[Path], prompts: dict[str, Prompt], complete: bool, run: RunRecord,
            rows: JsonlWriter, selector: Selector | None) -> None:
     """Read every sample once; write each survivor's row (to train.jsonl, or to the spool when selecting)."""
     cfg = recipe.curate
@@ -139,10 +148,10 @@ def stream(recipe: Recipe, samples_path: Path, prompts: dict[str, Prompt], compl
 
     with ExitStack() as stack:
         filters = build_filters(recipe, run, stack)
-        service = start_features(recipe, samples_path, run, stack)
+        service = start_features(recipe, samples_paths, run, stack)
         run.tallies += [FilterTally(check.name) for check in filters]
         in_flight: deque = deque()  # batches whose features are being computed, oldest first
-        for batch in read_batches(samples_path, cfg.batch_size, tolerate_torn_tail=not complete):
+        for batch in read_batches(samples_paths, cfg.batch_size, tolerate_torn_tail=not complete):
             run.lines_read += len(batch)
             candidates = admit(batch, prompts, check, run)
             in_flight.append((candidates, service.submit(candidates)))
@@ -175,7 +184,7 @@ def copy_selected(spool: Path, train: Path, selector: Selector, prompts: dict[st
     spool.unlink()
 
 
-def start_features(recipe: Recipe, samples_path: Path, run: RunRecord, stack: ExitStack) -> FeatureService:
+def start_features(recipe: Recipe, samples_paths: list[Path], run: RunRecord, stack: ExitStack) -> FeatureService:
     cfg = recipe.curate
     decontaminator = build_decontaminator(recipe) if cfg.decontaminate.enabled else None
     run.benchmark_sizes = dict(decontaminator.problem_counts) if decontaminator else {}
@@ -186,7 +195,7 @@ def start_features(recipe: Recipe, samples_path: Path, run: RunRecord, stack: Ex
         if near.enabled and near.scope == "prompt" else None)
     workers = cfg.workers
     if workers is None:
-        small = samples_path.stat().st_size < IN_PROCESS_BELOW_BYTES
+        small = sum(path.stat().st_size for path in samples_paths) < IN_PROCESS_BELOW_BYTES
         workers = 0 if small else min(MAX_AUTO_FEATURE_WORKERS, max(1, (os.cpu_count() or 2) - 1))
     service = FeatureService(settings, decontaminator, workers)
     stack.callback(service.close)
@@ -202,18 +211,18 @@ def clear_outputs(out_dir: Path) -> None:
     shutil.rmtree(out_dir / DATASET_DIR, ignore_errors=True)
 
 
-def refuse_if_nothing_matched(input_tally: FilterTally, samples_path: Path) -> None:
+def refuse_if_nothing_matched(input_tally: FilterTally, samples_label: str) -> None:
     """Every sample of another teacher/template/parameter set or prompt file is a wrong recipe, not a result."""
     if input_tally.seen and not input_tally.kept:
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in input_tally.dropped.most_common())
-        raise CurateError(f"none of the {input_tally.seen:,} samples in {samples_path} belong to this recipe "
+        raise CurateError(f"none of the {input_tally.seen:,} samples in {samples_label} belong to this recipe "
                           f"({reasons}); check teacher.model, data, generate.prompt_template and generate.sampling, "
                           f"or set curate.only_current_samples: false to curate them anyway")
 
 
-def log_config(recipe: Recipe, samples_path: Path, prompt_count: int, complete: bool) -> None:
+def log_config(recipe: Recipe, samples_label: str, prompt_count: int, complete: bool) -> None:
     state = "complete" if complete else "INCOMPLETE (curate.allow_incomplete)"
-    print(f"[curate] {samples_path} ({state}), {prompt_count:,} prompts -> {recipe.curate.output_dir}\n"
+    print(f"[curate] {samples_label} ({state}), {prompt_count:,} prompts -> {recipe.curate.output_dir}\n"
           f"[curate] config: {json.dumps(recipe.curate.model_dump(mode='json'), sort_keys=True)}",
           file=sys.stderr, flush=True)
 
@@ -225,20 +234,20 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     invalidate_manifest(out_dir)  # from here on, a failure leaves the folder marked incomplete
-    samples_path, generate_manifest = locate_samples(recipe)
+    samples_paths, generate_manifest, samples_label = locate_samples(recipe)
     prompts = {prompt.id: prompt for prompt in load_prompts(recipe.data)}
     if cfg.correctness.enabled and all(prompt.answer is None for prompt in prompts.values()):
         raise CurateError("curate.correctness needs gold answers, and no prompt has one (map data.fields.answer, "
                           "or set curate.correctness.enabled: false)")
-    log_config(recipe, samples_path, len(prompts), generate_manifest is not None)
+    log_config(recipe, samples_label, len(prompts), generate_manifest is not None)
     clear_outputs(out_dir)
 
     run = RunRecord(tallies=[FilterTally("input")])
     selector = None if cfg.select.strategy == "all" and cfg.select.k is None else Selector(cfg.select)
     rows_path = out_dir / (TRAIN_FILE if selector is None else SPOOL_FILE)
     with JsonlWriter(rows_path, fsync_every=4096) as rows:
-        stream(recipe, samples_path, prompts, generate_manifest is not None, run, rows, selector)
-    refuse_if_nothing_matched(run.tallies[0], samples_path)
+        stream(recipe, samples_paths, prompts, generate_manifest is not None, run, rows, selector)
+    refuse_if_nothing_matched(run.tallies[0], samples_label)
     run.stage_seconds["stream"] = time.monotonic() - started
     if selector is not None:
         copy_selected(rows_path, out_dir / TRAIN_FILE, selector, prompts, run)
@@ -250,7 +259,7 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
 
     # Prompts the teacher rejected for good (generate.max_failed_fraction) have no sample: say how many.
     generate_counts = (generate_manifest or {}).get("counts") or {}
-    inputs = {"samples_file": str(samples_path), "generate_complete": generate_manifest is not None,
+    inputs = {"samples_file": samples_label, "generate_complete": generate_manifest is not None,
               "prompts": len(prompts), "prompts_without_sample": len(prompts.keys() - run.input_prompts),
               "generate_failed_permanently": generate_counts.get("failed_permanently", 0)}
     report = build_report(run, config=cfg.model_dump(mode="json"), inputs=inputs, seconds=time.monotonic() - started)

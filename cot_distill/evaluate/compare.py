@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cot_distill.config.eval import EvalError
-from cot_distill.evaluate.metrics import problem_score, samples_by_problem
+from cot_distill.evaluate.metrics import GRADED_FILE, problem_score, samples_by_problem
 from cot_distill.records import (
     invalidate_manifest,
     iter_jsonl,
@@ -110,8 +110,6 @@ def load_results(folder: Path) -> dict[str, Any]:
 def load_problem_scores(folder: Path, results: dict[str, Any]) -> dict[str, dict[str, float] | None]:
     """Per benchmark, each problem's pass@1 from the eval's graded.jsonl (one line per sample); None for a benchmark
     without one (a folder written before graded.jsonl existed, or by hand)."""
-    from cot_distill.evaluate.run import GRADED_FILE  # imported here: run imports this module
-
     scores: dict[str, dict[str, float] | None] = {}
     for benchmark, metrics in results["benchmarks"].items():
         path = folder / benchmark / GRADED_FILE

@@ -12,6 +12,8 @@ from typing import Any
 
 from cot_distill.config.eval import EvalError
 
+GRADED_FILE = "graded.jsonl"  # an eval's verdicts, one line per sample, in each benchmark's folder (run writes, compare reads)
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of Chen et al. 2021: 1 - C(n-c, k) / C(n, k), as a product that never overflows."""

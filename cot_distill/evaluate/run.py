@@ -21,7 +21,7 @@ from cot_distill.config.eval import EvalSection
 from cot_distill.evaluate.compare import results_table
 from cot_distill.evaluate.eval_sets import Benchmark, load_benchmark
 from cot_distill.evaluate.footprint import PeakMemory, describe_local_model
-from cot_distill.evaluate.metrics import benchmark_metrics
+from cot_distill.evaluate.metrics import GRADED_FILE, benchmark_metrics
 from cot_distill.evaluate.targets import as_served, refuse_seed_on_cpu, serving, target_from_model
 from cot_distill.generate import SAMPLES_FILE, SampleRequest, done_keys, generate_samples, plan_requests
 from cot_distill.prompts import load_template
@@ -41,7 +41,6 @@ from cot_distill.teachers.identity import teacher_identity
 
 RESULTS_FILE = "results.json"
 RESULTS_TABLE = "results.md"
-GRADED_FILE = "graded.jsonl"
 RUNS_FILE = "generation_runs.jsonl"
 
 

@@ -40,6 +40,7 @@ from cot_distill.generate.ledger import (
     summarize_ledger,
 )
 from cot_distill.generate.requests import SampleRequest, plan_requests
+from cot_distill.generate.shards import prompts_of_shard, shard_folder, shard_folders, shard_spec
 from cot_distill.progress import Progress
 from cot_distill.prompts import load_template
 from cot_distill.records import JsonlWriter, Prompt, invalidate_manifest, write_json_atomic, write_manifest
@@ -59,9 +60,20 @@ def run(recipe: Recipe, *, slot=None) -> Path:
 
 
 def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
-    """The generate stage for a recipe; returns the stats dict. See generate_samples."""
+    """The generate stage for a recipe; returns the stats dict. See generate_samples; generate.shard "I/N" runs
+    the prompts of shard I into output_dir/shard-I-of-N (generate/shards.py)."""
     prompts = load_prompts(recipe.data)  # validates every row before any request is sent
-    return generate_samples(prompts, recipe.teacher, recipe.generate, snapshot=recipe_snapshot(recipe),
+    gen = recipe.generate
+    shard = shard_spec(gen.shard)
+    if shard is None and shard_folders(Path(gen.output_dir)):
+        raise GenerateError(f"{gen.output_dir} holds shard folders: run each shard with --shard I/N, or write an "
+                            f"unsharded job to another generate.output_dir")
+    if shard is not None:
+        prompts = prompts_of_shard(prompts, *shard)
+        gen = gen.model_copy(update={"output_dir": str(shard_folder(gen.output_dir, *shard))})
+        print(f"[generate] shard {shard[0]} of {shard[1]} (prompt ids by hash): {len(prompts)} prompts",
+              file=sys.stderr)
+    return generate_samples(prompts, recipe.teacher, gen, snapshot=recipe_snapshot(recipe),
                             server=server, slot=slot, grading=recipe.curate.correctness)
 
 
