@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from cot_distill.config import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe
 from cot_distill.errors import UserError
-from cot_distill.records import read_json, read_manifest, stable_hash, utc_now, write_json_atomic
+from cot_distill.records import content_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
 from cot_distill.teachers.identity import model_fingerprint
 
 STAGES = ("generate", "curate", "train", "eval")
@@ -154,9 +154,25 @@ def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: st
         train = train.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
     snapshot_recipe = recipe.model_copy(update={"train": train})
     from_curate = Path(train.dataset).resolve().is_relative_to(Path(recipe.curate.output_dir).resolve())
-    inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else train.dataset
-    fingerprint = stable_hash([train.model_dump(mode="json"), inputs])
+    inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else local_content(train.dataset)
+    fingerprint = stable_hash([train.model_dump(mode="json"), inputs, student_weights(train)])
     return reuse_or_run(label, train.output_dir, fingerprint, lambda: train_stage.run(snapshot_recipe))
+
+
+def local_content(dataset: str) -> str:
+    """An external dataset's content hash (new data behind the same path retrains), or a hub id as given."""
+    return content_sha256(dataset) if Path(dataset).exists() else dataset
+
+
+def student_weights(train: TrainSection) -> str | None:
+    """A local student folder's weights hash: other weights behind the same path retrain. (init_from students
+    are built from settings the train section already holds; a hub id is all we know of a hub student.)"""
+    if train.student is None:
+        return None
+    from cot_distill.assets import resolve_model_path
+
+    folder = Path(resolve_model_path(train.student))
+    return model_fingerprint(folder) if folder.is_dir() else train.student
 
 
 def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: str,

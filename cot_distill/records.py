@@ -280,6 +280,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of every file of a folder (by relative name): what a dataset on disk holds."""
+    source = Path(path)
+    if not source.is_dir():
+        return file_sha256(source)
+    return stable_hash({str(item.relative_to(source)): file_sha256(item)
+                        for item in sorted(source.rglob("*")) if item.is_file()})
+
+
 def invalidate_manifest(folder: str | Path) -> None:
     """Remove manifest.json before a stage touches a folder, so a crash never leaves it looking complete."""
     (Path(folder) / MANIFEST).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from trl import SFTConfig
 
 from cot_distill.config.train import TrainSection
 from cot_distill.hardware import cpu_has_native_bf16
-from cot_distill.records import file_sha256, read_json, stable_hash, write_json_atomic
+from cot_distill.records import content_sha256, file_sha256, read_json, stable_hash, write_json_atomic
 from cot_distill.train.masking import CHATML_TOKENS, ChatTemplateError, TrainError
 
 logger = logging.getLogger(__name__)
@@ -197,11 +197,7 @@ def student_fingerprint(cfg: TrainSection, student_path: str) -> dict[str, Any]:
 
 def data_fingerprint(dataset: str) -> str:
     """sha256 of the curated file, or of every file of a save_to_disk folder (by relative name)."""
-    source = Path(dataset)
-    if not source.is_dir():
-        return file_sha256(source)
-    return stable_hash({str(path.relative_to(source)): file_sha256(path)
-                        for path in sorted(source.rglob("*")) if path.is_file()})
+    return content_sha256(dataset)
 
 
 def inputs_fingerprint(cfg: TrainSection, student_path: str) -> dict[str, Any]:
