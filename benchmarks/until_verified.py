@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cot_distill.config import load_recipe  # noqa: E402
 from cot_distill.data import load_prompts  # noqa: E402
 from cot_distill.generate import SAMPLES_FILE, run_generate  # noqa: E402
+from cot_distill.generate.ledger import compact_key  # noqa: E402
 from cot_distill.generate.until_verified import gold_answers, ledger_verdicts, open_grader  # noqa: E402
 from cot_distill.records import iter_jsonl  # noqa: E402
 from cot_distill.teachers.serve import ServerSlot  # noqa: E402
@@ -38,7 +39,7 @@ def fixed_run_figures(recipe, out_dir: Path) -> dict:
     prompts = load_prompts(recipe.data)
     golds = gold_answers(list(prompts))
     samples = out_dir / SAMPLES_FILE
-    keys = {obj["request_key"] for _, obj in iter_jsonl(samples)}
+    keys = {compact_key(obj["request_key"]) for _, obj in iter_jsonl(samples)}
     tokens = sum(obj["usage"]["completion_tokens"] for _, obj in iter_jsonl(samples))
     with open_grader(recipe.curate.correctness) as grader:
         verdicts = ledger_verdicts(samples, keys, golds, grader)

@@ -64,6 +64,8 @@ def generate(
     generate.max_failed_fraction (default 0.01), and fails loudly above it.
     Progress (done/total, tok/s, errors, truncated) is printed every generate.progress_interval_s seconds;
     stats.json and, when the job is complete, manifest.json are written at the end.
+    generate.until_verified={k: K, max_samples: M} samples each prompt until K traces verify (or M samples);
+    generate.budget caps the job's completion tokens or cost (price_per_mtok); --shard I/N runs one shard of N.
     """
     from cot_distill import generate as stage
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from cot_distill.config import DataSection
 from cot_distill.records import Prompt, RecordError, iter_jsonl, stable_hash
@@ -63,13 +63,14 @@ def _text_field(row: dict[str, Any], field: str, location: str, *, required: boo
     return text
 
 
-def rows_to_prompts(rows: Iterable[tuple[str, dict[str, Any]]], section: DataSection, source: str) -> list[Prompt]:
+def iter_rows_as_prompts(rows: Iterable[tuple[str, dict[str, Any]]], section: DataSection,
+                         source: str) -> Iterator[Prompt]:
+    """Prompts from (location, row) pairs, each checked as it is read; a duplicate id names both locations."""
     fields = section.fields
-    prompts: list[Prompt] = []
     seen_ids: dict[str, str] = {}
     for index, (location, row) in enumerate(rows):
-        if section.limit is not None and len(prompts) >= section.limit:
-            break
+        if section.limit is not None and len(seen_ids) >= section.limit:
+            return
         problem = _text_field(row, fields.problem, location, required=True)
         answer = _text_field(row, fields.answer, location, required=True) if fields.answer else None
         if fields.id:
@@ -82,12 +83,15 @@ def rows_to_prompts(rows: Iterable[tuple[str, dict[str, Any]]], section: DataSec
         seen_ids[prompt_id] = location
         mapped = {f for f in (fields.id, fields.problem, fields.answer) if f}
         meta = {k: v for k, v in row.items() if k not in mapped and isinstance(v, (str, int, float, bool))}
-        prompts.append(Prompt(id=prompt_id, problem=problem, answer=answer, source=source, meta=meta))
-    return prompts
+        yield Prompt(id=prompt_id, problem=problem, answer=answer, source=source, meta=meta)
 
 
-def load_prompts(section: DataSection) -> list[Prompt]:
-    """All prompts of the data section, validated. Raises RecordError naming file, line and field."""
+def rows_to_prompts(rows: Iterable[tuple[str, dict[str, Any]]], section: DataSection, source: str) -> list[Prompt]:
+    return list(iter_rows_as_prompts(rows, section, source))
+
+
+def iter_prompts(section: DataSection) -> Iterator[Prompt]:
+    """The data section's prompts one at a time, each validated. Raises RecordError naming file, line and field."""
     path = Path(section.prompts)
     is_local = path.suffix in LOCAL_SUFFIXES or path.exists()
     if is_local:
@@ -100,7 +104,33 @@ def load_prompts(section: DataSection) -> list[Prompt]:
     else:
         rows = _iter_hub_rows(section)
         source = section.source or section.prompts
-    prompts = rows_to_prompts(rows, section, source)
+    return iter_rows_as_prompts(rows, section, source)
+
+
+def load_prompts(section: DataSection) -> list[Prompt]:
+    """All prompts of the data section, validated. Raises RecordError naming file, line and field."""
+    prompts = list(iter_prompts(section))
     if not prompts:
         raise RecordError(f"{section.prompts}: no prompts found")
     return prompts
+
+
+class PromptStream:
+    """The data section's prompts, read from the file each time they are iterated, never all held at once: what
+    generate streams a job of millions of prompts from. Built by one validation pass over every row (a bad row
+    fails here, before any request is sent), which also counts them for len(). `keep`: a filter on prompt ids
+    (a shard's)."""
+
+    def __init__(self, section: DataSection, keep: Callable[[str], bool] | None = None):
+        self.section, self.keep = section, keep
+        self.count = sum(1 for _ in self)
+        if not any(True for _ in iter_prompts(section)):
+            raise RecordError(f"{section.prompts}: no prompts found")
+
+    def __iter__(self) -> Iterator[Prompt]:
+        for prompt in iter_prompts(self.section):
+            if self.keep is None or self.keep(prompt.id):
+                yield prompt
+
+    def __len__(self) -> int:
+        return self.count

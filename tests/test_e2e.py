@@ -81,5 +81,5 @@ def test_run_all_stages_then_reuse_them(tmp_path, tiny_model_dir):
     second = run_cli("run", str(recipe_path), timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "curate: reusing" in second.stderr and "train student_after: reusing" in second.stderr
-    assert "0 to go" in second.stderr and "[serve] starting" not in second.stderr
+    assert "nothing to send" in second.stderr and "[serve] starting" not in second.stderr
     assert read_json(out / "report.json")["stages"]["train student_after"]["reused"] is True

@@ -92,7 +92,7 @@ def test_kill_minus_9_then_resume_gives_each_sample_exactly_once(tmp_path, vllm_
         handle.write(b'{"prompt_id": "q1", "sample_idx": 0, "request_key": "tor')
     result = run_cli("generate", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{lines_at_kill} already done" in result.stderr
+    assert f"the ledger holds {lines_at_kill} samples" in result.stderr
     assert_exactly_once(out, 50, 4)
     assert read_manifest(out)["complete"]
 

@@ -122,3 +122,27 @@ def test_parquet_prompts_with_field_mapping(tmp_path):
         load_prompts(section)
     section.limit = 1
     assert [(p.id, p.problem, p.answer) for p in load_prompts(section)] == [("a", "q1", "1")]
+
+
+@pytest.mark.parametrize("backend, seed, identity", [("openai", None, {}), ("vllm", 7, {"root": "/m", "n": 1}),
+                                                     ("openai", 3, {"revision": "r\u00e9v"})])
+def test_the_request_plan_makes_exactly_request_keys(backend, seed, identity):
+    """RequestPlan's fast keys must equal request_key's, or every ledger written before would be resent."""
+    from cot_distill.config import GenerateSection, TeacherSection
+    from cot_distill.generate import RequestPlan, params_for, request_key
+    from cot_distill.prompts import load_template
+    from cot_distill.records import Prompt
+
+    teacher = TeacherSection(backend=backend, model="m\u00fcnchen/\"q\"", engine_kwargs={"max_model_len": 512})
+    gen = GenerateSection(samples_per_prompt=3, sampling={"seed": seed, "extra_body": {"min_p": 0.05, "z": [1]}})
+    template = load_template(gen.prompt_template)
+    prompts = [Prompt(id=f"p{i}", problem=f"What is {i} + \u00bd? \\boxed{{}}\n\"quoted\"", answer="1",
+                      source="s") for i in range(4)]
+    planned = list(RequestPlan(prompts, template, teacher, gen, identity))
+    assert len(planned) == 12
+    for request in planned:
+        prompt = prompts[int(request.prompt_id[1:])]
+        params = params_for(gen.sampling, request.sample_idx)
+        assert request.params == params
+        assert request.key == request_key(template.render(prompt.problem), teacher, params, template.hash,
+                                          request.sample_idx, identity)

@@ -234,7 +234,7 @@ def test_kill_minus_9_mid_run_then_resume_gives_each_sample_exactly_once(tmp_pat
         handle.write(b'{"prompt_id": "q1", "sample_idx": 0, "request_key": "tor')
     result = run_cli("generate", str(recipe), env=ENGINE_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{lines_at_kill} already done" in result.stderr
+    assert f"the ledger holds {lines_at_kill} samples" in result.stderr
     counts = collections.Counter((s["prompt_id"], s["sample_idx"]) for s in samples_of(out))
     assert len(counts) == 200 and set(counts.values()) == {1}, {k: n for k, n in counts.items() if n != 1}
     assert read_manifest(out)["complete"]

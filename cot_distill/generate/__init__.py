@@ -15,6 +15,7 @@ from cot_distill.generate.ledger import (
                                          summarize_ledger,
 )
 from cot_distill.generate.requests import (
+                                         RequestPlan,
                                          SampleRequest,
                                          build_requests,
                                          params_for,
@@ -24,7 +25,7 @@ from cot_distill.generate.requests import (
 from cot_distill.generate.run import GenerateError, generate_samples, resume_seed, run, run_generate
 
 __all__ = [
-    "FAILURES_FILE", "SAMPLES_FILE", "STATS_FILE", "GenerateError", "SampleRequest", "build_requests", "done_keys",
+    "FAILURES_FILE", "SAMPLES_FILE", "STATS_FILE", "GenerateError", "RequestPlan", "SampleRequest", "build_requests", "done_keys",
     "failure_record", "generate_samples", "make_sample", "params_for", "plan_requests", "request_key",
     "resume_seed", "run", "run_generate", "summarize_ledger",
 ]

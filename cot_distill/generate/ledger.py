@@ -7,6 +7,7 @@ request for good) are not resent on reruns unless generate.retry_failed asks for
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,6 +16,43 @@ from cot_distill.records import Completion, Sample, SampleRequest, Usage, iter_j
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "failures.jsonl"
 STATS_FILE = "stats.json"
+
+
+def compact_key(key: str) -> bytes:
+    """A request key as 16 bytes instead of a 64-character string: a job's key set is ~85 bytes a request, not
+    ~150 (4M requests: 340 MB). 128 bits keep collisions out of reach (~1e-26 for 4M keys)."""
+    return bytes.fromhex(key[:32])
+
+
+@dataclass
+class LedgerScan:
+    """What a job needs to know of its ledger before it sends anything, read in one pass (a 1M-sample ledger
+    takes seconds per pass): the keys it has (compact_key), the tokens spent, and the samples of this job's
+    parameters that other weights made (other_weights: see made_by_other_weights)."""
+
+    keys: set[bytes] = field(default_factory=set)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    other_weights: Counter = field(default_factory=Counter)
+
+
+def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str,
+                params_by_index: list[dict[str, Any]]) -> LedgerScan:
+    """One pass over samples.jsonl (after repairing a torn last line)."""
+    scan = LedgerScan()
+    if not samples_path.exists():
+        return scan
+    repair_torn_tail(samples_path)
+    for _, obj in iter_jsonl(samples_path):
+        if obj.get("request_key"):
+            scan.keys.add(compact_key(obj["request_key"]))
+        usage = obj.get("usage") or {}
+        scan.prompt_tokens += usage.get("prompt_tokens", 0)
+        scan.completion_tokens += usage.get("completion_tokens", 0)
+        made_by = made_by_other_weights(obj, identity, template_hash, params_by_index)
+        if made_by is not False:
+            scan.other_weights[made_by] += 1
+    return scan
 
 
 def done_keys(samples_path: Path) -> set[str]:
@@ -39,18 +77,18 @@ def failure_reasons(failures: Iterable[dict[str, Any]], top: int = 10) -> dict[s
     return dict(Counter(str(failure.get("error", ""))[:120] for failure in failures).most_common(top))
 
 
-def other_teacher_samples(samples_path: Path, pending: list[SampleRequest],
-                          identity: dict[str, Any]) -> Counter:
-    """Ledger samples of the pending (prompt, sample index) slots that another teacher identity made, by that
-    identity (None: made before identities were recorded). Samples of other sampling parameters are not counted:
-    those are a different job, not other weights."""
-    slots = {(request.prompt_id, request.sample_idx) for request in pending}
-    found: Counter = Counter()
-    for _, obj in iter_jsonl(samples_path):
-        made_by = obj.get("teacher_identity")
-        if (obj.get("prompt_id"), obj.get("sample_idx")) in slots and made_by != identity:
-            found[repr(made_by) if made_by else None] += 1
-    return found
+def made_by_other_weights(obj: dict[str, Any], identity: dict[str, Any], template_hash: str,
+                          params_by_index: list[dict[str, Any]]) -> str | None | bool:
+    """For a ledger sample with this job's template and sampling parameters that another teacher identity made:
+    that identity (repr), or None when it was made before identities were recorded; False for any other sample.
+    Those are the samples this job would have reused before the weights were part of the key; samples of other
+    parameters are a different job, not other weights."""
+    made_by, index = obj.get("teacher_identity"), obj.get("sample_idx")
+    if made_by == (identity or None) or obj.get("template_hash") != template_hash:
+        return False
+    if not (isinstance(index, int) and 0 <= index < len(params_by_index)) or obj.get("params") != params_by_index[index]:
+        return False
+    return repr(made_by) if made_by else None
 
 
 def make_sample(request: SampleRequest, completion: Completion, teacher: str, template_hash: str,
@@ -84,16 +122,17 @@ def failure_record(request: SampleRequest, error: str, attempts: int, permanent:
             "created_at": utc_now()}
 
 
-def summarize_ledger(samples_path: Path, job_keys: set[str]) -> tuple[set[str], dict[str, Any]]:
-    """One pass over the ledger: which of this job's keys have a sample, and totals over this job's samples
-    from all runs (truncation must be visible, not only this run's share). The ledger may also hold samples of
-    an earlier parameter set, which are not this job's."""
-    finished: set[str] = set()
+def summarize_ledger(samples_path: Path, job_keys: set[bytes] | None) -> tuple[set[bytes], dict[str, Any]]:
+    """One pass over the ledger: which of this job's keys (compact_key; None: every sample's) have a sample, and
+    totals over those samples from all runs (truncation must be visible, not only this run's share). The ledger
+    may also hold samples of an earlier parameter set, which are not this job's."""
+    finished: set[bytes] = set()
     total = truncated = tokens = prompt_tokens = 0
     for _, obj in iter_jsonl(samples_path) if samples_path.exists() else ():  # a first run has no ledger yet
-        if obj.get("request_key") not in job_keys:
+        key = compact_key(obj.get("request_key") or "")
+        if job_keys is not None and key not in job_keys:
             continue
-        finished.add(obj["request_key"])
+        finished.add(key)
         total += 1
         truncated += obj.get("finish_reason") == "length"
         usage = obj.get("usage") or {}

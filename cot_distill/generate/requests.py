@@ -8,7 +8,9 @@ it is.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import hashlib
+import json
+from typing import Any, Iterable, Iterator
 
 from cot_distill.config import GenerateSection, Recipe, SamplingSection, TeacherSection
 from cot_distill.data import load_prompts
@@ -39,18 +41,74 @@ def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params:
     return stable_hash({"request": key, "teacher_identity": identity}) if identity else key
 
 
+def canonical_json(obj: Any) -> str:
+    """The JSON stable_hash hashes (sorted keys, no spaces, UTF-8 as is)."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+class KeyMaker:
+    """request_key, fast: the same keys (tests check it), built from JSON pieces that are serialised once per job
+    or once per prompt instead of once per request. A 1M-prompt job computes its keys in seconds, not minutes:
+    what a resume over a big ledger waits for before its first new request."""
+
+    def __init__(self, teacher: TeacherSection, template_hash: str, identity: dict[str, Any] | None):
+        engine_kwargs = teacher.engine_kwargs if teacher.backend == "vllm" else None
+        # stable_hash's dict, keys in sorted order: backend, engine_kwargs, messages, model, params, sample_idx,
+        # template_hash.
+        self.head = f'{{"backend":{canonical_json(teacher.backend)},"engine_kwargs":{canonical_json(engine_kwargs)}'
+        self.model = f',"model":{canonical_json(teacher.model)},"params":'
+        self.tail = f',"template_hash":{canonical_json(template_hash)}}}'
+        self.identity = canonical_json(identity) if identity else None
+        self._params_json: tuple[int, str] | None = None
+
+    def prompt_prefix(self, messages: list[dict[str, str]]) -> str:
+        return f'{self.head},"messages":{canonical_json(messages)}{self.model}'
+
+    def key(self, prefix: str, params: dict[str, Any], sample_idx: int) -> str:
+        blob = f'{prefix}{self.params_json(params)},"sample_idx":{sample_idx}{self.tail}'
+        key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        if self.identity is None:
+            return key
+        outer = f'{{"request":"{key}","teacher_identity":{self.identity}}}'
+        return hashlib.sha256(outer.encode("utf-8")).hexdigest()
+
+    def params_json(self, params: dict[str, Any]) -> str:
+        # Without a seed every sample has the same parameters: serialise them once.
+        if params.get("seed") is not None:
+            return canonical_json(params)
+        if self._params_json is None or self._params_json[0] != id(params):
+            self._params_json = (id(params), canonical_json(params))
+        return self._params_json[1]
+
+
+class RequestPlan:
+    """Every request of a job, in prompt order, `gen.samples_per_prompt` per prompt, made as it is iterated: a job
+    of millions of prompts holds only the requests in flight, not all of them. Iterate it again for the same
+    requests; len() is the job's size. `prompts`: a list, or anything re-iterable with a len (data.PromptStream)."""
+
+    def __init__(self, prompts, template: PromptTemplate, teacher: TeacherSection, gen: GenerateSection,
+                 identity: dict[str, Any] | None = None):
+        self.prompts, self.template, self.teacher, self.gen, self.identity = prompts, template, teacher, gen, identity
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.gen.samples_per_prompt
+
+    def __iter__(self) -> Iterator[SampleRequest]:
+        keys = KeyMaker(self.teacher, self.template.hash, self.identity)
+        unseeded = params_for(self.gen.sampling, 0) if self.gen.sampling.seed is None else None
+        for prompt in self.prompts:
+            messages = self.template.render(prompt.problem)
+            prefix = keys.prompt_prefix(messages)
+            for sample_idx in range(self.gen.samples_per_prompt):
+                params = unseeded if unseeded is not None else params_for(self.gen.sampling, sample_idx)
+                yield SampleRequest(prompt.id, sample_idx, messages, params, keys.key(prefix, params, sample_idx))
+
+
 def plan_requests(prompts: Iterable[Prompt], template: PromptTemplate, teacher: TeacherSection,
                   gen: GenerateSection, identity: dict[str, Any] | None = None) -> list[SampleRequest]:
-    """Every request of the job, in prompt order, `gen.samples_per_prompt` per prompt. `identity`: the
-    teacher's (teachers.identity.teacher_identity)."""
-    requests = []
-    for prompt in prompts:
-        messages = template.render(prompt.problem)
-        for sample_idx in range(gen.samples_per_prompt):
-            params = params_for(gen.sampling, sample_idx)
-            key = request_key(messages, teacher, params, template.hash, sample_idx, identity)
-            requests.append(SampleRequest(prompt.id, sample_idx, messages, params, key))
-    return requests
+    """Every request of the job as a list (see RequestPlan). `identity`: the teacher's
+    (teachers.identity.teacher_identity)."""
+    return list(RequestPlan(list(prompts), template, teacher, gen, identity))
 
 
 def build_requests(recipe: Recipe) -> tuple[list[SampleRequest], str, int]:

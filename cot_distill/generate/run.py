@@ -24,23 +24,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cot_distill.config import CorrectnessFilter, GenerateSection, Recipe, TeacherSection, recipe_snapshot
-from cot_distill.data import load_prompts
+from cot_distill.data import PromptStream
 from cot_distill.errors import UserError
 from cot_distill.generate.budget import Budget
 from cot_distill.generate.ledger import (
     FAILURES_FILE,
     SAMPLES_FILE,
     STATS_FILE,
-    done_keys,
+    LedgerScan,
+    compact_key,
     failure_reasons,
     failure_record,
     make_sample,
-    other_teacher_samples,
     permanent_failures,
+    scan_ledger,
     summarize_ledger,
 )
-from cot_distill.generate.requests import SampleRequest, plan_requests
-from cot_distill.generate.shards import prompts_of_shard, shard_folder, shard_folders, shard_spec
+from cot_distill.generate.requests import RequestPlan, SampleRequest, params_for
+from cot_distill.generate.shards import shard_folder, shard_folders, shard_of, shard_spec
 from cot_distill.progress import Progress
 from cot_distill.prompts import load_template
 from cot_distill.records import JsonlWriter, Prompt, invalidate_manifest, write_json_atomic, write_manifest
@@ -62,14 +63,16 @@ def run(recipe: Recipe, *, slot=None) -> Path:
 def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
     """The generate stage for a recipe; returns the stats dict. See generate_samples; generate.shard "I/N" runs
     the prompts of shard I into output_dir/shard-I-of-N (generate/shards.py)."""
-    prompts = load_prompts(recipe.data)  # validates every row before any request is sent
     gen = recipe.generate
     shard = shard_spec(gen.shard)
     if shard is None and shard_folders(Path(gen.output_dir)):
         raise GenerateError(f"{gen.output_dir} holds shard folders: run each shard with --shard I/N, or write an "
                             f"unsharded job to another generate.output_dir")
+    keep = None if shard is None else (lambda prompt_id: shard_of(prompt_id, shard[1]) == shard[0])
+    # A pass over every row first: a bad row fails here, before any request is sent. The prompts are then read
+    # again as the job streams, never held all at once.
+    prompts = PromptStream(recipe.data, keep)
     if shard is not None:
-        prompts = prompts_of_shard(prompts, *shard)
         gen = gen.model_copy(update={"output_dir": str(shard_folder(gen.output_dir, *shard))})
         print(f"[generate] shard {shard[0]} of {shard[1]} (prompt ids by hash): {len(prompts)} prompts",
               file=sys.stderr)
@@ -77,13 +80,15 @@ def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
                             server=server, slot=slot, grading=recipe.curate.correctness)
 
 
-def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: GenerateSection, *,
+def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherSection, gen: GenerateSection, *,
                      snapshot: dict[str, Any], server=None, slot=None,
                      requests: list[SampleRequest] | None = None,
                      identity: dict[str, Any] | None = None,
                      grading: CorrectnessFilter | None = None) -> dict[str, Any]:
     """Linear: plan requests -> resume from the ledger -> run the backend -> stats -> manifest.
 
+    Requests are made as the window asks for them (RequestPlan), and those the ledger already has are skipped as
+    the job reaches them, so memory grows with the window and the ledger's keys, not with the job.
     `snapshot`: the configuration stored in the manifest. `server`: a LocalVLLMServer the caller launched and
     owns; its death stops the run at once. `slot`: a ServerSlot to launch `teacher.launch` in, instead of a server
     of our own that is stopped at the end. `requests` and `identity`: this job's requests and the teacher identity
@@ -95,60 +100,65 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
     template = load_template(gen.prompt_template)
     if requests is None:
         identity = teacher_identity(teacher)
-        requests = plan_requests(prompts, template, teacher, gen, identity)
+        requests = RequestPlan(prompts, template, teacher, gen, identity)
     identity = identity or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     invalidate_manifest(out_dir)
     samples_path = out_dir / SAMPLES_FILE
-    already = done_keys(samples_path)
-    pending = [request for request in requests if request.key not in already]
-    rejected_before = permanent_failures(out_dir / FAILURES_FILE)
-    pending = skip_rejected(pending, rejected_before, gen, out_dir)
-    say_what_other_weights_made(samples_path, pending, identity, bool(already))
-    progress = Progress(len(requests), len(requests) - len(pending), gen.progress_interval_s)
+    total = len(requests)
+    scan = scan_ledger(samples_path, identity, template.hash,
+                       [params_for(gen.sampling, index) for index in range(gen.samples_per_prompt)])
+    ledger = scan.keys
+    say_what_other_weights_made(samples_path, identity, scan)
+    progress = Progress(total, 0, gen.progress_interval_s)
+    rejected_limit = math.floor(gen.max_failed_fraction * total)
+    rejections = RejectionBudget(set(), rejected_limit, total)
+    job = JobStream(requests, ledger, permanent_failures(out_dir / FAILURES_FILE), gen.retry_failed, progress,
+                    rejections)
     up_to = "up to " if gen.until_verified is not None else ""
-    print(f"[generate] {len(prompts)} prompts x {up_to}{gen.samples_per_prompt} samples = {up_to}{len(requests)}; "
-          f"{len(requests) - len(pending)} already done or rejected, {len(pending)} to go -> {out_dir}",
-          file=sys.stderr)
+    print(f"[generate] {len(prompts)} prompts x {up_to}{gen.samples_per_prompt} samples = {up_to}{total}; the ledger "
+          f"holds {len(ledger)} samples, skipped as the job reaches them -> {out_dir}", file=sys.stderr)
 
-    job_keys = {request.key for request in requests}
-    rejected_limit = math.floor(gen.max_failed_fraction * len(requests))
-    rejected = {key for key in rejected_before if key in job_keys and key not in already
-                and not gen.retry_failed}
-    engine_seed = resume_seed(len(already), gen)
+    engine_seed = resume_seed(len(ledger), gen)
     stopped: GenerateError | None = None
-    budget = start_budget(gen, samples_path, job_keys, progress)
+    budget = start_budget(gen, scan, progress)
     with ExitStack() as stack:
-        queue, verdicts = RequestQueue(pending), None
-        if gen.until_verified is not None:
-            queue, verdicts = start_until_verified(stack, prompts, pending, gen, grading, samples_path, job_keys)
+        if gen.until_verified is not None:  # decides per prompt, so it holds its prompts' requests
+            queue, verdicts = start_until_verified(stack, list(prompts), list(job), gen, grading, samples_path,
+                                                   job.keys)
             progress.extras.insert(0, queue.progress_text)
+        else:
+            queue, verdicts = RequestQueue(job, size_hint=total - len(ledger)), None
         with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
             if budget is not None and budget.reached():
                 queue.stop()
+            if queue.exhausted() and not queue.stopped:
+                print("[generate] nothing to send: every request has a sample or was rejected for good",
+                      file=sys.stderr)
             if not queue.exhausted():
                 try:
                     run_backend(teacher, gen, queue, template.hash, samples, failures, progress, server, slot,
-                                engine_seed, identity, RejectionBudget(rejected, rejected_limit, len(requests)),
-                                verdicts, budget)
+                                engine_seed, identity, rejections, verdicts, budget)
                 except GenerateError as exc:
                     stopped = exc  # too many rejections: stats.json still says what happened
         if verdicts is not None:
             verdicts.close()  # every verdict given (a grading error is raised here)
+    job.drain()  # a run stopped early has not reached every request: the counts below cover the whole job
+    job.say_what_was_skipped(out_dir)
 
-    finished, totals = summarize_ledger(samples_path, job_keys)
-    rejections = {key: failure for key, failure in permanent_failures(out_dir / FAILURES_FILE).items()
-                  if key in job_keys and key not in finished}
-    missing = len(job_keys - finished)
+    finished, totals = summarize_ledger(samples_path, job.keys)
+    failed_for_good = {key: failure for key, failure in permanent_failures(out_dir / FAILURES_FILE).items()
+                       if compact_key(key) in job.keys and compact_key(key) not in finished}
+    missing = total - len(finished)
     stats = {
         "prompts": len(prompts),
-        "samples_expected": len(requests),
-        "samples_done": len(requests) - missing,
+        "samples_expected": total,
+        "samples_done": len(finished),
         "samples_this_run": progress.done,
         "samples_failed_this_run": progress.failed,
         "samples_missing": missing,
-        "samples_failed_permanently": len(rejections),
-        "permanent_failure_reasons": failure_reasons(rejections.values()),
+        "samples_failed_permanently": len(failed_for_good),
+        "permanent_failure_reasons": failure_reasons(failed_for_good.values()),
         "truncated_this_run": progress.truncated,
         "retries_this_run": progress.retries,
         "errors_by_kind": progress.errors_by_kind,
@@ -159,12 +169,13 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
         "teacher_identity": identity,
     }
     stats.update(totals)
-    counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_expected": len(requests),
-              "failed_permanently": len(rejections)}
+    counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_expected": total,
+              "failed_permanently": len(failed_for_good)}
     if gen.until_verified is not None:
         add_until_verified_stats(stats, queue)
-        counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_cap": len(requests),
-                  "failed_permanently": len(rejections), "prompts_solved": stats["until_verified"]["prompts_solved"],
+        counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_cap": total,
+                  "failed_permanently": len(failed_for_good),
+                  "prompts_solved": stats["until_verified"]["prompts_solved"],
                   "prompts_exhausted": stats["until_verified"]["prompts_exhausted"]}
     if budget is not None:
         stats["budget"] = budget.stats()
@@ -177,12 +188,53 @@ def generate_samples(prompts: Sequence[Prompt], teacher: TeacherSection, gen: Ge
     return stats
 
 
-def start_budget(gen: GenerateSection, samples_path: Path, job_keys: set[str], progress: Progress) -> Budget | None:
-    """generate.budget with what the job's ledger already spent, or None without a cap or a price."""
+class JobStream:
+    """The job's requests that still need sending, in order: those the ledger has, and those the teacher rejected
+    for good in an earlier run (unless generate.retry_failed), are skipped as the stream reaches them and counted
+    as done in the progress. It collects the job's keys (compact) on the way, for the totals at the end."""
+
+    def __init__(self, requests, ledger: set[bytes], rejected_before: dict[str, dict[str, Any]], retry_failed: bool,
+                 progress: Progress, rejections: RejectionBudget):
+        self.requests, self.ledger, self.rejected_before = iter(requests), ledger, rejected_before
+        self.retry_failed, self.progress, self.rejections = retry_failed, progress, rejections
+        self.keys: set[bytes] = set()
+        self.skipped_rejected = self.resent_rejected = 0
+
+    def __iter__(self):
+        for request in self.requests:
+            key = compact_key(request.key)
+            self.keys.add(key)
+            if key in self.ledger:
+                self.progress.already_done += 1
+                continue
+            if request.key in self.rejected_before:
+                if not self.retry_failed:
+                    self.skipped_rejected += 1
+                    self.progress.already_done += 1
+                    self.rejections.rejected.add(request.key)  # still counts against max_failed_fraction
+                    continue
+                self.resent_rejected += 1
+            yield request
+
+    def drain(self) -> None:
+        for _ in self:
+            pass
+
+    def say_what_was_skipped(self, out_dir: Path) -> None:
+        if self.resent_rejected:
+            print(f"[generate] resent {self.resent_rejected} requests rejected for good in earlier runs "
+                  f"(--retry-failed)", file=sys.stderr)
+        if self.skipped_rejected:
+            print(f"[generate] {self.skipped_rejected} requests were rejected for good in earlier runs (see "
+                  f"{out_dir / FAILURES_FILE}); not resent (--retry-failed resends them)", file=sys.stderr)
+
+
+def start_budget(gen: GenerateSection, scan: LedgerScan, progress: Progress) -> Budget | None:
+    """generate.budget with what the ledger already spent (every sample of the folder: money spent is spent,
+    whatever parameters it was for), or None without a cap or a price."""
     if gen.budget.max_completion_tokens is None and gen.budget.max_usd is None and gen.budget.price_per_mtok is None:
         return None
-    _, totals = summarize_ledger(samples_path, job_keys)
-    budget = Budget(gen.budget, totals["prompt_tokens_total"], totals["completion_tokens_total"])
+    budget = Budget(gen.budget, scan.prompt_tokens, scan.completion_tokens)
     progress.extras.append(budget.progress_text)
     return budget
 
@@ -277,32 +329,14 @@ def unfinished_work(stats: dict[str, Any], out_dir: Path) -> str | None:
     return f"{transient} of {stats['samples_expected']} samples have none yet" if transient else None
 
 
-def skip_rejected(pending: list[SampleRequest], rejected: dict[str, dict[str, Any]], gen: GenerateSection,
-                  out_dir: Path) -> list[SampleRequest]:
-    """Leave out what the server rejected for good in an earlier run, unless generate.retry_failed."""
-    skipped = [request for request in pending if request.key in rejected]
-    if not skipped:
-        return pending
-    if gen.retry_failed:
-        print(f"[generate] resending {len(skipped)} requests rejected for good in earlier runs (--retry-failed)",
-              file=sys.stderr)
-        return pending
-    print(f"[generate] {len(skipped)} requests were rejected for good in earlier runs (see "
-          f"{out_dir / FAILURES_FILE}); not resent (--retry-failed resends them)", file=sys.stderr)
-    return [request for request in pending if request.key not in rejected]
-
-
-def say_what_other_weights_made(samples_path: Path, pending: list[SampleRequest], identity: dict[str, Any],
-                                ledger_has_samples: bool) -> None:
-    """One line when the ledger holds samples of these prompts that other weights (or a run before identities
-    were recorded) made: they stay in samples.jsonl, but this job does not reuse them."""
-    if not (pending and ledger_has_samples):
-        return
-    found = other_teacher_samples(samples_path, pending, identity)
-    for made_by, count in found.items():
+def say_what_other_weights_made(samples_path: Path, identity: dict[str, Any], scan: LedgerScan) -> None:
+    """One line per other identity when the ledger holds samples of this job's template and sampling that other
+    weights made (or a run before identities were recorded): they stay in samples.jsonl, but this job does not
+    reuse them."""
+    for made_by, count in scan.other_weights.items():
         origin = ("before generate recorded the teacher's weights" if made_by is None
                   else f"by other weights ({made_by[:200]})")
-        print(f"[generate] {count} samples in {samples_path} for these prompts were made {origin}; now "
+        print(f"[generate] {count} samples in {samples_path} with this job's parameters were made {origin}; now "
               f"{describe(identity)}: they stay in the file, and new samples are generated. Set teacher.revision "
               f"if the teacher reports nothing of its weights", file=sys.stderr)
 

@@ -14,12 +14,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cot_distill.config.generate import parse_shard
 from cot_distill.errors import UserError
 from cot_distill.generate.ledger import SAMPLES_FILE
-from cot_distill.records import Prompt, read_manifest
+from cot_distill.records import read_manifest
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -51,10 +51,6 @@ def shard_folder(output_dir: str | Path, index: int, count: int) -> Path:
 
 def shard_of(prompt_id: str, count: int) -> int:
     return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") % count
-
-
-def prompts_of_shard(prompts: Iterable[Prompt], index: int, count: int) -> list[Prompt]:
-    return [prompt for prompt in prompts if shard_of(prompt.id, count) == index]
 
 
 def shard_folders(output_dir: Path) -> dict[int, list[Path]]:

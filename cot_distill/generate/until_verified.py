@@ -29,6 +29,7 @@ from typing import Any
 
 from cot_distill.config import CorrectnessFilter, UntilVerifiedSection
 from cot_distill.errors import UserError
+from cot_distill.generate.ledger import compact_key
 from cot_distill.grading import Grader, incomplete_reason
 from cot_distill.records import Prompt, Sample, SampleRequest, iter_jsonl
 from cot_distill.teachers.window import RequestQueue
@@ -63,10 +64,12 @@ def gold_answers(prompts: list[Prompt]) -> dict[str, str]:
     return {prompt.id: prompt.answer for prompt in prompts}
 
 
-def ledger_verdicts(samples_path: Path, job_keys: set[str], golds: dict[str, str],
+def ledger_verdicts(samples_path: Path, job_keys: set[bytes], golds: dict[str, str],
                     grader: Grader) -> dict[str, tuple[int, int]]:
-    """prompt id -> (samples graded, samples accepted) over this job's samples already in the ledger."""
-    samples = [Sample.model_validate(obj) for _, obj in iter_jsonl(samples_path) if obj.get("request_key") in job_keys]
+    """prompt id -> (samples graded, samples accepted) over this job's samples (keys: compact_key) already in the
+    ledger."""
+    samples = [Sample.model_validate(obj) for _, obj in iter_jsonl(samples_path)
+               if compact_key(obj.get("request_key") or "") in job_keys]
     verdicts = accepted(grader, samples, [golds[sample.prompt_id] for sample in samples])
     counts: dict[str, tuple[int, int]] = {}
     for sample, ok in zip(samples, verdicts):

@@ -15,9 +15,8 @@ import asyncio
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -55,30 +54,37 @@ class WindowEvents:
 
 
 class RequestQueue:
-    """The requests of a job, handed out one at a time as slots free up. This one is a fixed list; generate's
-    until_verified queue (generate/until_verified.py) decides per prompt as verdicts arrive, so it can have
-    nothing to give now and more later. Both backends poll it: take() -> a request, or None for "nothing now";
-    exhausted() -> nothing will ever come. stop() ends the handing out (a spent budget); what is in flight
-    finishes. Thread-safe where it matters: only the until_verified queue is touched by a second thread."""
+    """The requests of a job, handed out one at a time as slots free up: from a list, or from an iterator that
+    makes them as they are asked for (generate streams millions that way). generate's until_verified queue
+    (generate/until_verified.py) decides per prompt as verdicts arrive, so it can have nothing to give now and
+    more later. Both backends poll it: take() -> a request, or None for "nothing now"; exhausted() -> nothing will
+    ever come. stop() ends the handing out (a spent budget); what is in flight finishes. Thread-safe where it
+    matters: only the until_verified queue is touched by a second thread."""
 
     POLL_S = 0.02  # how often a free slot asks again while take() has nothing: far below one request's time
 
-    def __init__(self, requests: list | None = None):
-        self._requests = deque(requests or ())
+    def __init__(self, requests: Iterable | None = None, size_hint: int | None = None):
+        self._requests = iter(requests or ())
+        self._next = next(self._requests, None)  # one ahead: exhausted() must know without taking
+        self._left = size_hint if size_hint is not None else len(requests) if isinstance(requests, list) else 1
         self.stopped = False
 
     def take(self):
-        return self._requests.popleft() if self._requests and not self.stopped else None
+        if self.stopped or self._next is None:
+            return None
+        request, self._next = self._next, next(self._requests, None)
+        self._left -= 1
+        return request
 
     def exhausted(self) -> bool:
-        return self.stopped or not self._requests
+        return self.stopped or self._next is None
 
     def stop(self) -> None:
         self.stopped = True
 
     def __len__(self) -> int:
-        """How many requests may still be handed out, at most: the window never starts more workers."""
-        return 0 if self.stopped else len(self._requests)
+        """How many requests may still be handed out, as far as known: the window starts no more workers."""
+        return 0 if self.exhausted() else max(1, self._left)
 
 
 def as_queue(pending) -> RequestQueue:
