@@ -26,6 +26,8 @@ class StandIn:
         self.root, self.throttle_first, self.retry_after = root, throttle_first, retry_after
         self.answer, self.delay_s = answer or (lambda prompt: DEFAULT_ANSWER), delay_s
         self.arrivals: list[tuple[float, str]] = []
+        self.in_flight = self.max_in_flight = 0
+        lock = threading.Lock()
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,7 +55,12 @@ class StandIn:
                     return self.reply(429, {"error": "slow down"}, {"Retry-After": stand_in.retry_after})
                 if "REJECT" in prompt:
                     return self.reply(400, {"error": "prompt is longer than the model's context"})
+                with lock:
+                    stand_in.in_flight += 1
+                    stand_in.max_in_flight = max(stand_in.max_in_flight, stand_in.in_flight)
                 time.sleep(stand_in.delay_s)
+                with lock:
+                    stand_in.in_flight -= 1
                 self.reply(200, {"choices": [{"message": {"content": stand_in.answer(prompt)},
                                               "finish_reason": "stop"}],
                                  "usage": {"prompt_tokens": 5, "completion_tokens": 4}})

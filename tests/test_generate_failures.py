@@ -140,3 +140,17 @@ def test_rate_limit_holds_requests_and_tokens_to_the_minute():
         return await timed(tokens, 1)  # reserves the mean, 310: 310 + 310 > 600, waits 20 tokens, 2 s at 10/s
 
     assert 1.5 <= asyncio.run(over_budget()) < 6
+
+
+def test_a_ledger_of_another_job_does_not_shrink_the_window(tmp_path, prompts_file):
+    """The window starts min(concurrency, job size) workers, however many samples of other parameters the ledger
+    holds (a streamed job cannot count its pending requests up front)."""
+    stand_in = StandIn(delay_s=0.2)
+    try:
+        recipe = write_recipe(tmp_path, [stand_in.base_url], prompts_file, samples_per_prompt=3, concurrency=8)
+        run_generate(load_recipe(recipe))  # 36 samples of temperature 0.8
+        stand_in.max_in_flight = 0
+        run_generate(load_recipe(recipe, ["generate.sampling.temperature=0.5", "generate.samples_per_prompt=1"]))
+    finally:
+        stand_in.close()
+    assert len(stand_in.arrivals) == 48 and stand_in.max_in_flight >= 4  # one worker (the bug) gives 1

@@ -128,7 +128,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
                                                    job.keys)
             progress.extras.insert(0, queue.progress_text)
         else:
-            queue, verdicts = RequestQueue(job, size_hint=total - len(ledger)), None
+            queue, verdicts = RequestQueue(job, size_hint=total), None  # an upper bound: the window's worker count
         with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
             if budget is not None and budget.reached():
                 queue.stop()
