@@ -25,6 +25,7 @@ class FaultPlan:
     stall_s: float = 0.0
     outage: tuple[float, float] | None = None  # (start, end) seconds after the first request: all 503
     refuse_all: bool = False      # every request 503 (an endpoint that keeps failing)
+    delay_s: float = 0.0          # every forwarded chat response held this long (a slower replica)
 
 
 @dataclass
@@ -126,4 +127,6 @@ class FaultProxy:
                                          headers=headers) as upstream:
             payload = await upstream.read()
             self.stats.forwarded += 1
-            return web.Response(body=payload, status=upstream.status, content_type="application/json")
+        if self.plan.delay_s and tail.endswith("chat/completions"):
+            await asyncio.sleep(self.plan.delay_s)
+        return web.Response(body=payload, status=upstream.status, content_type="application/json")
