@@ -123,9 +123,13 @@ class PromptStream:
 
     def __init__(self, section: DataSection, keep: Callable[[str], bool] | None = None):
         self.section, self.keep = section, keep
-        self.count = sum(1 for _ in self)
-        if not any(True for _ in iter_prompts(section)):
+        rows = kept = 0
+        for prompt in iter_prompts(section):
+            rows += 1
+            kept += keep is None or keep(prompt.id)
+        if not rows:  # a shard may hold none of them; the file itself must hold some
             raise RecordError(f"{section.prompts}: no prompts found")
+        self.count = kept
 
     def __iter__(self) -> Iterator[Prompt]:
         for prompt in iter_prompts(self.section):
