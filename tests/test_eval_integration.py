@@ -90,7 +90,8 @@ def test_a_model_we_launch_is_served_once_for_all_benchmarks_and_measured(tmp_pa
     @contextlib.contextmanager
     def fake_server_for(launch, served_name, log_path, seed=None):
         launches.append((launch, served_name))
-        yield types.SimpleNamespace(base_url=vllm_server.base_url, process=vllm_server.process,
+        yield types.SimpleNamespace(base_url=vllm_server.base_url, base_urls=vllm_server.base_urls,
+                                    pid=vllm_server.pid, process=vllm_server.process,
                                     check_alive=vllm_server.check_alive)
 
     monkeypatch.setattr(serve, "server_for", fake_server_for)
