@@ -18,7 +18,6 @@ comparing two runs back to back under the same machine load (see generate_throug
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from generate_throughput import write_prompts  # noqa: E402  (the same prompts as that benchmark)
+
 from cot_distill.assets import build_tiny_model  # noqa: E402
 from cot_distill.config import load_recipe  # noqa: E402
 from cot_distill.generate import run_generate  # noqa: E402
@@ -39,15 +40,6 @@ from cot_distill.teachers.serve import LocalVLLMServer  # noqa: E402
 SERVED = "bench-teacher"
 MAX_MODEL_LEN = 1024
 KV_CACHE_GIB = 1
-
-
-def write_prompts(folder: Path, count: int) -> Path:
-    path = folder / "prompts.jsonl"
-    with open(path, "w") as handle:
-        for index in range(count):
-            handle.write(json.dumps({"id": f"b{index}", "problem": f"What is {index} times {index + 3}?",
-                                     "answer": str(index * (index + 3))}) + "\n")
-    return path
 
 
 def write_recipe(folder: Path, name: str, teacher: dict, prompts: Path, args: argparse.Namespace) -> Path:

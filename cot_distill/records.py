@@ -95,10 +95,14 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def canonical_json(obj: Any) -> str:
+    """The JSON stable_hash hashes: sorted keys, no spaces, UTF-8 as is."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def stable_hash(obj: Any) -> str:
     """sha256 of the canonical JSON of obj (sorted keys), hex."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
 def repair_torn_tail(path: Path) -> int:

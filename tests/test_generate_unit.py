@@ -127,11 +127,18 @@ def test_parquet_prompts_with_field_mapping(tmp_path):
 @pytest.mark.parametrize("backend, seed, identity", [("openai", None, {}), ("vllm", 7, {"root": "/m", "n": 1}),
                                                      ("openai", 3, {"revision": "r\u00e9v"})])
 def test_the_request_plan_makes_exactly_request_keys(backend, seed, identity):
-    """RequestPlan's fast keys must equal request_key's, or every ledger written before would be resent."""
+    """RequestPlan's keys must be the documented hashes that older ledgers were keyed by, or every sample
+    written before would be resent."""
     from cot_distill.config import GenerateSection, TeacherSection
     from cot_distill.generate import RequestPlan, params_for, request_key
     from cot_distill.prompts import load_template
-    from cot_distill.records import Prompt
+    from cot_distill.records import Prompt, stable_hash
+
+    def key_by_the_formula(messages, teacher, params, template_hash, sample_idx, identity):
+        key = stable_hash({"messages": messages, "model": teacher.model, "backend": teacher.backend,
+                           "engine_kwargs": teacher.engine_kwargs if teacher.backend == "vllm" else None,
+                           "params": params, "template_hash": template_hash, "sample_idx": sample_idx})
+        return stable_hash({"request": key, "teacher_identity": identity}) if identity else key
 
     teacher = TeacherSection(backend=backend, model="m\u00fcnchen/\"q\"", engine_kwargs={"max_model_len": 512})
     gen = GenerateSection(samples_per_prompt=3, sampling={"seed": seed, "extra_body": {"min_p": 0.05, "z": [1]}})
@@ -144,5 +151,5 @@ def test_the_request_plan_makes_exactly_request_keys(backend, seed, identity):
         prompt = prompts[int(request.prompt_id[1:])]
         params = params_for(gen.sampling, request.sample_idx)
         assert request.params == params
-        assert request.key == request_key(template.render(prompt.problem), teacher, params, template.hash,
-                                          request.sample_idx, identity)
+        args = (template.render(prompt.problem), teacher, params, template.hash, request.sample_idx, identity)
+        assert request.key == key_by_the_formula(*args) == request_key(*args)

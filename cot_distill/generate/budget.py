@@ -16,10 +16,6 @@ class Budget:
         self.section = section
         self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
 
-    @property
-    def active(self) -> bool:
-        return self.section.max_completion_tokens is not None or self.section.max_usd is not None
-
     def add(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens

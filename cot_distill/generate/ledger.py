@@ -122,15 +122,15 @@ def failure_record(request: SampleRequest, error: str, attempts: int, permanent:
             "created_at": utc_now()}
 
 
-def summarize_ledger(samples_path: Path, job_keys: set[bytes] | None) -> tuple[set[bytes], dict[str, Any]]:
-    """One pass over the ledger: which of this job's keys (compact_key; None: every sample's) have a sample, and
-    totals over those samples from all runs (truncation must be visible, not only this run's share). The ledger
+def summarize_ledger(samples_path: Path, job_keys: set[bytes]) -> tuple[set[bytes], dict[str, Any]]:
+    """One pass over the ledger: which of this job's keys (compact_key) have a sample, and totals over those
+    samples from all runs (truncation must be visible, not only this run's share). The ledger
     may also hold samples of an earlier parameter set, which are not this job's."""
     finished: set[bytes] = set()
     total = truncated = tokens = prompt_tokens = 0
     for _, obj in iter_jsonl(samples_path) if samples_path.exists() else ():  # a first run has no ledger yet
         key = compact_key(obj.get("request_key") or "")
-        if job_keys is not None and key not in job_keys:
+        if key not in job_keys:
             continue
         finished.add(key)
         total += 1

@@ -9,13 +9,12 @@ it is.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, Iterable, Iterator
 
 from cot_distill.config import GenerateSection, Recipe, SamplingSection, TeacherSection
 from cot_distill.data import load_prompts
 from cot_distill.prompts import PromptTemplate, load_template
-from cot_distill.records import Prompt, SampleRequest, stable_hash
+from cot_distill.records import Prompt, SampleRequest, canonical_json
 
 
 def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:
@@ -28,27 +27,17 @@ def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:
 
 def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params: dict[str, Any],
                 template_hash: str, sample_idx: int, identity: dict[str, Any] | None = None) -> str:
-    """An empty identity gives the key of ledgers written before identities existed, so they keep their samples."""
-    key = stable_hash({
-        "messages": messages,
-        "model": teacher.model,
-        "backend": teacher.backend,
-        "engine_kwargs": teacher.engine_kwargs if teacher.backend == "vllm" else None,
-        "params": params,
-        "template_hash": template_hash,
-        "sample_idx": sample_idx,
-    })
-    return stable_hash({"request": key, "teacher_identity": identity}) if identity else key
-
-
-def canonical_json(obj: Any) -> str:
-    """The JSON stable_hash hashes (sorted keys, no spaces, UTF-8 as is)."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """One request's key (KeyMaker builds it). An empty identity gives the key of ledgers written before
+    identities existed, so they keep their samples."""
+    keys = KeyMaker(teacher, template_hash, identity)
+    return keys.key(keys.prompt_prefix(messages), params, sample_idx)
 
 
 class KeyMaker:
-    """request_key, fast: the same keys (tests check it), built from JSON pieces that are serialised once per job
-    or once per prompt instead of once per request. A 1M-prompt job computes its keys in seconds, not minutes:
+    """Request keys: stable_hash of {messages, model, backend, engine_kwargs (in-process only), params,
+    template_hash, sample_idx}, then stable_hash of {request: that key, teacher_identity} when the identity is not
+    empty (tests check both against stable_hash itself). Built from JSON pieces serialised once per job or once
+    per prompt instead of once per request. A 1M-prompt job computes its keys in seconds, not minutes:
     what a resume over a big ledger waits for before its first new request."""
 
     def __init__(self, teacher: TeacherSection, template_hash: str, identity: dict[str, Any] | None):

@@ -173,10 +173,8 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
               "failed_permanently": len(failed_for_good)}
     if gen.until_verified is not None:
         add_until_verified_stats(stats, queue)
-        counts = {"prompts": len(prompts), "samples": stats["samples_done"], "samples_cap": total,
-                  "failed_permanently": len(failed_for_good),
-                  "prompts_solved": stats["until_verified"]["prompts_solved"],
-                  "prompts_exhausted": stats["until_verified"]["prompts_exhausted"]}
+        counts["samples_cap"] = counts.pop("samples_expected")  # a cap: a solved prompt leaves indices unsent
+        counts.update({name: stats["until_verified"][name] for name in ("prompts_solved", "prompts_exhausted")})
     if budget is not None:
         stats["budget"] = budget.stats()
     write_json_atomic(out_dir / STATS_FILE, stats)
@@ -241,7 +239,7 @@ def start_budget(gen: GenerateSection, scan: LedgerScan, progress: Progress) -> 
 
 def start_until_verified(stack: ExitStack, prompts: Sequence[Prompt], pending: list[SampleRequest],
                          gen: GenerateSection, grading: CorrectnessFilter | None, samples_path: Path,
-                         job_keys: set[str]):
+                         job_keys: set[bytes]):
     """The VerifiedQueue and its grading thread, with the verdicts of the ledger's samples (see until_verified)."""
     from cot_distill.generate.until_verified import (
         VerdictThread,
