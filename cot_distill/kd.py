@@ -156,11 +156,32 @@ def chunked_distillation_sums(student_hidden: torch.Tensor, targets: torch.Tenso
             teacher_logits = teacher_head(teacher_chunk)
         return tuple(distillation_sums(student_head(student_chunk), teacher_logits, target_chunk, temperature, kl))
 
-    recompute = torch.is_grad_enabled() and len(targets) > chunk_tokens
+    return _sum_over_chunks(chunk_sums, (student_hidden, teacher_hidden, targets), chunk_tokens)
+
+
+def chunked_sparse_distillation_sums(student_hidden: torch.Tensor, targets: torch.Tensor,
+                                     student_head: Callable[[torch.Tensor], torch.Tensor], *, topk_ids: torch.Tensor,
+                                     topk_logprobs: torch.Tensor, temperature: float, kl: str = "forward",
+                                     chunk_tokens: int = 1024) -> DistillationSums:
+    """sparse_distillation_sums over the student's LM head on (N, hidden) states at scored positions, with the
+    teacher's (N, K) recorded top-K rows aligned to them, chunk by chunk as chunked_distillation_sums does."""
+
+    def chunk_sums(student_chunk, ids_chunk, logprobs_chunk, target_chunk):
+        return tuple(sparse_distillation_sums(student_head(student_chunk), ids_chunk, logprobs_chunk, target_chunk,
+                                              temperature, kl))
+
+    return _sum_over_chunks(chunk_sums, (student_hidden, topk_ids, topk_logprobs, targets), chunk_tokens)
+
+
+def _sum_over_chunks(chunk_sums: Callable[..., tuple], per_position: tuple[torch.Tensor, ...],
+                     chunk_tokens: int) -> DistillationSums:
+    """chunk_sums over row slices of the per-position tensors (the last one is the targets), summed; each chunk is
+    recomputed in backward when there is more than one and autograd is on."""
+    count = len(per_position[-1])
+    recompute = torch.is_grad_enabled() and count > chunk_tokens
     parts = []
-    for start in range(0, max(len(targets), 1), chunk_tokens):  # at least one (empty) chunk: a zero with a graph
-        chunk = slice(start, start + chunk_tokens)
-        args = (student_hidden[chunk], teacher_hidden[chunk], targets[chunk])
+    for start in range(0, max(count, 1), chunk_tokens):  # at least one (empty) chunk: a zero with a graph
+        args = tuple(tensor[start:start + chunk_tokens] for tensor in per_position)
         if recompute:
             parts.append(checkpoint(chunk_sums, *args, use_reentrant=False, preserve_rng_state=False))
         else:

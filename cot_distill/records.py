@@ -65,6 +65,9 @@ class Sample(BaseModel):
     error: str | None = None
     teacher_identity: dict[str, Any] | None = None  # what identified the weights (teachers/identity.py)
     created_at: str
+    # With generate.logprobs: where the teacher's recorded top-K log-probabilities of this sample are
+    # ({file, offset, bytes, tokens, k}: logprob_store.py).
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: Any = None  # a logprob_store.TokenLogprobs when generate.logprobs asked for them
 
 
 def utc_now() -> str:

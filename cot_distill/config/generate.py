@@ -151,6 +151,10 @@ class GenerateSection(Strict):
     # "I/N": this run is shard I of N (generate/shards.py): the prompts whose id hashes to I, written under
     # output_dir/shard-I-of-N/. The later stages read all N shards of output_dir.
     shard: str | None = None
+    # Record, for every completion token, its id and the teacher's top-K ids and log-probabilities (OpenAI
+    # logprobs/top_logprobs, with vLLM's return_tokens_as_token_ids) into OUTPUT_DIR/logprobs.bin, for
+    # train.kd.teacher: recorded. At most the server's --max-logprobs (vLLM's default: 20). Part of the request key.
+    logprobs: int | None = Field(default=None, ge=1)
 
     @field_validator("shard", mode="before")
     @classmethod

@@ -49,12 +49,16 @@ class LoraSection(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+RECORDED_TEACHER = "recorded"  # kd.teacher: train from the recorded top-K (logprob_store.py), no teacher model
+
+
 class KDSection(Strict):
     """method: kd. Loss on the assistant tokens: alpha * CE(labels) + beta * tau^2 * KL at temperature tau, with
     the teacher's full next-token distribution computed on the fly (see cot_distill/kd.py)."""
 
     # Local path or offline asset name (e.g. smollm2-135m) of a model with the student's exact vocabulary.
-    # Default: init_from.model when the student is built with init_from.
+    # Default: init_from.model when the student is built with init_from. "recorded": no teacher in memory; the
+    # teacher's top-K log-probabilities recorded by generate (generate.logprobs), linked from each dataset row.
     teacher: str | None = None
     alpha: float = Field(default=0.5, ge=0.0)  # weight of the cross-entropy on the trace's tokens
     beta: float = Field(default=0.5, ge=0.0)  # weight of tau^2 * KL
@@ -69,6 +73,10 @@ class KDSection(Strict):
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("train.kd: alpha and beta are both 0, so nothing would be trained")
         return self
+
+    @property
+    def recorded(self) -> bool:
+        return self.teacher == RECORDED_TEACHER
 
 
 class TrainSection(Strict):
@@ -140,6 +148,13 @@ class TrainSection(Strict):
                              "does not apply (use auto or compact)")
         if self.token_metrics:
             raise ValueError("token_metrics needs TRL's own SFT loss, which method: kd replaces")
+        if self.kd.recorded:
+            if self.assistant_mask != "final_turn":
+                raise ValueError("kd.teacher: recorded trains the final turn on the teacher's recorded tokens; "
+                                 "assistant_mask: generation_markers does not apply (use final_turn)")
+            if self.sft.get("packing"):
+                raise ValueError("kd.teacher: recorded reads each row's records in batch order; sft.packing "
+                                 "reorders tokens across rows (padding_free is fine)")
         return self
 
     @model_serializer(mode="wrap")

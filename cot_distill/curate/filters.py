@@ -44,7 +44,8 @@ class InputCheck:
 
     def __init__(self, recipe: Recipe, template_hash: str, enabled: bool) -> None:
         self.teacher, self.template_hash, self.enabled = recipe.teacher.model, template_hash, enabled
-        self.params = [params_for(recipe.generate.sampling, index) for index in range(recipe.generate.samples_per_prompt)]
+        self.params = [params_for(recipe.generate.sampling, index, recipe.generate.logprobs)
+                       for index in range(recipe.generate.samples_per_prompt)]
 
     def reason(self, sample: Sample, prompt: Prompt | None) -> str | None:
         if prompt is None:

@@ -217,13 +217,17 @@ def write_length_histogram(path: Path, input_tokens: array, output_tokens: array
 SHARD_CHARACTERS = 500_000_000  # ~500 MB of Arrow: save_to_disk's default shard size
 
 
-def dataset_features(reasoning_format: str):
+def dataset_features(reasoning_format: str, recorded_logprobs: bool = False):
     import datasets
 
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
     if reasoning_format == "reasoning_content":
         message["reasoning_content"] = datasets.Value("string")
+    link = {"teacher_logprobs": {"file": datasets.Value("string"), "offset": datasets.Value("int64"),
+                                 "bytes": datasets.Value("int64"), "tokens": datasets.Value("int64"),
+                                 "k": datasets.Value("int64"), "request_key": datasets.Value("string")}}
     return datasets.Features({
+        **(link if recorded_logprobs else {}),
         "messages": datasets.List(message), "reasoning": datasets.Value("string"),
         "answer_text": datasets.Value("string"), "prompt_id": datasets.Value("string"),
         "source": datasets.Value("string"), "teacher": datasets.Value("string"),
@@ -237,7 +241,7 @@ def row_characters(row: dict) -> int:
     return sum(len(value) for value in text if value)
 
 
-def save_dataset(train: Path, target: Path, reasoning_format: str) -> list[str]:
+def save_dataset(train: Path, target: Path, reasoning_format: str, recorded_logprobs: bool = False) -> list[str]:
     """train.jsonl -> a datasets.load_from_disk folder, written shard by shard with datasets' own ArrowWriter.
 
     Dataset.save_to_disk would read back a memory-mapped Arrow copy of the whole set, and those pages count as
@@ -253,7 +257,7 @@ def save_dataset(train: Path, target: Path, reasoning_format: str) -> list[str]:
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    features = dataset_features(reasoning_format)
+    features = dataset_features(reasoning_format, recorded_logprobs)
     target.mkdir(parents=True)
     shards: list[Path] = []
     writer, shard_characters, fingerprint = None, 0, hashlib.blake2b(digest_size=8)

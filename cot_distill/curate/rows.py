@@ -43,7 +43,9 @@ class Selector:
 
 
 def assistant_message(sample: Sample, reasoning_format: str) -> dict[str, str]:
-    if sample.reasoning is None:  # the teacher used no think tags: its text as it came
+    # No think tags, or recorded logprobs (kd.teacher: recorded trains on exactly the tokens the teacher wrote, and
+    # checks them against this text): the text as it came.
+    if sample.reasoning is None or sample.logprobs is not None:
         return {"role": "assistant", "content": sample.text}
     reasoning, answer = sample.reasoning.strip(), sample.content.strip()
     if reasoning_format == "reasoning_content":
@@ -53,7 +55,7 @@ def assistant_message(sample: Sample, reasoning_format: str) -> dict[str, str]:
 
 def training_row(candidate: Candidate, prompt_messages: list[dict[str, str]], reasoning_format: str) -> dict:
     sample, verdict = candidate.sample, candidate.verdict
-    return {
+    row = {
         "messages": [*prompt_messages, assistant_message(sample, reasoning_format)],
         "reasoning": sample.reasoning, "answer_text": sample.content, "prompt_id": sample.prompt_id,
         "source": source_of(candidate.prompt), "teacher": sample.teacher,
@@ -61,6 +63,9 @@ def training_row(candidate: Candidate, prompt_messages: list[dict[str, str]], re
                   "route": verdict.route if verdict else "not_graded"},
         "tokens": candidate.tokens, "sample_idx": sample.sample_idx,
     }
+    if sample.logprobs is not None:  # generate.logprobs: the link to the trace's recorded top-K (logprob_store.py)
+        row["teacher_logprobs"] = {**sample.logprobs, "request_key": sample.request_key}
+    return row
 
 
 def source_of(prompt: Prompt) -> str:

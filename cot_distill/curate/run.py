@@ -254,7 +254,8 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
     else:  # every survivor is a row; the table still shows the stage
         run.tallies.append(FilterTally("select", seen=len(run.output_tokens), kept=len(run.output_tokens)))
     dataset_started = time.monotonic()
-    dataset_files = save_dataset(out_dir / TRAIN_FILE, out_dir / DATASET_DIR, cfg.reasoning_format)
+    dataset_files = save_dataset(out_dir / TRAIN_FILE, out_dir / DATASET_DIR, cfg.reasoning_format,
+                                 recorded_logprobs=recipe.generate.logprobs is not None)
     run.stage_seconds["dataset"] = time.monotonic() - dataset_started
 
     # Prompts the teacher rejected for good (generate.max_failed_fraction) have no sample: say how many.

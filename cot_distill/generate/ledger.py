@@ -93,7 +93,7 @@ def made_by_other_weights(obj: dict[str, Any], identity: dict[str, Any], templat
 
 def make_sample(request: SampleRequest, completion: Completion, teacher: str, template_hash: str,
                 latency_s: float, attempts: int, endpoint: str | None,
-                teacher_identity: dict[str, Any] | None = None) -> Sample:
+                teacher_identity: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> Sample:
     return Sample(
         prompt_id=request.prompt_id,
         sample_idx=request.sample_idx,
@@ -112,6 +112,7 @@ def make_sample(request: SampleRequest, completion: Completion, teacher: str, te
         endpoint=endpoint,
         teacher_identity=teacher_identity or None,
         created_at=utc_now(),
+        logprobs=logprobs,
     )
 
 

@@ -17,11 +17,14 @@ from cot_distill.prompts import PromptTemplate, load_template
 from cot_distill.records import Prompt, SampleRequest, canonical_json
 
 
-def params_for(sampling: SamplingSection, sample_idx: int) -> dict[str, Any]:
-    """The sampling parameters of one sample: a set seed becomes seed + sample_idx, so each sample differs."""
+def params_for(sampling: SamplingSection, sample_idx: int, logprobs: int | None = None) -> dict[str, Any]:
+    """The request parameters of one sample: the sampling section, with a set seed made seed + sample_idx (so each
+    sample differs), and generate.logprobs when set (absent otherwise: keys of jobs without it stay as they were)."""
     params = sampling.model_dump(mode="json")
     if params["seed"] is not None:
         params["seed"] = params["seed"] + sample_idx
+    if logprobs is not None:
+        params["logprobs"] = logprobs
     return params
 
 
@@ -84,12 +87,13 @@ class RequestPlan:
 
     def __iter__(self) -> Iterator[SampleRequest]:
         keys = KeyMaker(self.teacher, self.template.hash, self.identity)
-        unseeded = params_for(self.gen.sampling, 0) if self.gen.sampling.seed is None else None
+        logprobs = self.gen.logprobs
+        unseeded = params_for(self.gen.sampling, 0, logprobs) if self.gen.sampling.seed is None else None
         for prompt in self.prompts:
             messages = self.template.render(prompt.problem)
             prefix = keys.prompt_prefix(messages)
             for sample_idx in range(self.gen.samples_per_prompt):
-                params = unseeded if unseeded is not None else params_for(self.gen.sampling, sample_idx)
+                params = unseeded if unseeded is not None else params_for(self.gen.sampling, sample_idx, logprobs)
                 yield SampleRequest(prompt.id, sample_idx, messages, params, keys.key(prefix, params, sample_idx))
 
 

@@ -42,6 +42,7 @@ from cot_distill.generate.ledger import (
 )
 from cot_distill.generate.requests import RequestPlan, SampleRequest, params_for
 from cot_distill.generate.shards import shard_folder, shard_folders, shard_of, shard_spec
+from cot_distill.logprob_store import LOGPROBS_FILE, LogprobWriter
 from cot_distill.progress import Progress
 from cot_distill.prompts import load_template
 from cot_distill.records import JsonlWriter, Prompt, invalidate_manifest, write_json_atomic, write_manifest
@@ -107,7 +108,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     samples_path = out_dir / SAMPLES_FILE
     total = len(requests)
     scan = scan_ledger(samples_path, identity, template.hash,
-                       [params_for(gen.sampling, index) for index in range(gen.samples_per_prompt)])
+                       [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)])
     ledger = scan.keys
     say_what_other_weights_made(samples_path, identity, scan)
     progress = Progress(total, 0, gen.progress_interval_s)
@@ -130,6 +131,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
         else:
             queue, verdicts = RequestQueue(job, size_hint=total), None  # an upper bound: the window's worker count
         with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
+            store = stack.enter_context(LogprobWriter(out_dir / LOGPROBS_FILE)) if gen.logprobs else None
             if budget is not None and budget.reached():
                 queue.stop()
             if queue.exhausted() and not queue.stopped:
@@ -138,7 +140,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
             if not queue.exhausted():
                 try:
                     run_backend(teacher, gen, queue, template.hash, samples, failures, progress, server, slot,
-                                engine_seed, identity, rejections, verdicts, budget)
+                                engine_seed, identity, rejections, verdicts, budget, store)
                 except GenerateError as exc:
                     stopped = exc  # too many rejections: stats.json still says what happened
         if verdicts is not None:
@@ -180,7 +182,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     write_json_atomic(out_dir / STATS_FILE, stats)
     check_complete(stats, rejected_limit, gen, out_dir, stopped, budget)
     write_manifest(out_dir, stage="generate", recipe=snapshot, counts=counts,
-                   files=[SAMPLES_FILE, STATS_FILE],
+                   files=[SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if gen.logprobs else [])],
                    extra={"permanent_failure_reasons": stats["permanent_failure_reasons"],
                           "teacher_identity": identity})
     return stats
@@ -356,14 +358,17 @@ def resume_seed(ledger_samples: int, gen: GenerateSection) -> int | None:
 def run_backend(teacher: TeacherSection, gen: GenerateSection, queue: RequestQueue, template_hash: str,
                 samples: JsonlWriter, failures: JsonlWriter, progress: Progress, server=None, slot=None,
                 engine_seed: int | None = None, identity: dict[str, Any] | None = None,
-                rejections: RejectionBudget | None = None, verdicts=None, budget: Budget | None = None) -> None:
+                rejections: RejectionBudget | None = None, verdicts=None, budget: Budget | None = None,
+                store: LogprobWriter | None = None) -> None:
     """Send what `queue` hands out through the teacher's backend; every completion is written as it lands.
-    `verdicts`: until_verified's VerdictThread, given every sample; `budget`: stops the queue at its cap."""
+    `verdicts`: until_verified's VerdictThread, given every sample; `budget`: stops the queue at its cap;
+    `store`: where generate.logprobs records go, each before the ledger row that links it."""
     from cot_distill.teachers.window import WindowEvents
 
     def on_sample(request: SampleRequest, completion, latency_s: float, attempts: int, endpoint) -> None:
+        link = store.append(request.key, completion.logprobs) if store is not None else None
         sample = make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint,
-                             identity)
+                             identity, link)
         samples.write(sample)
         progress.record_sample(completion)
         if verdicts is not None:

@@ -130,11 +130,44 @@ def build_request_body(model: str, messages: list[dict[str, str]], params: dict[
     for key in ("temperature", "top_p", "max_tokens", "seed", "stop"):
         if params.get(key) is not None:
             body[key] = params[key]
+    if params.get("logprobs"):  # generate.logprobs: every token's id and the top-K, as ids, not strings
+        body.update(logprobs=True, top_logprobs=params["logprobs"], return_tokens_as_token_ids=True)
     body.update(params.get("extra_body") or {})
     return body
 
 
-def parse_completion(data: Any) -> Completion:
+TOKEN_ID_PREFIX = "token_id:"  # how vLLM writes a token under return_tokens_as_token_ids
+
+
+def _token_id(entry: dict[str, Any]) -> int:
+    token = entry.get("token")
+    if not (isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX)):
+        raise PermanentError(f"generate.logprobs needs token ids (vLLM's return_tokens_as_token_ids), and the server "
+                             f"returned the token {str(token)[:40]!r}: this endpoint cannot record logprobs")
+    return int(token[len(TOKEN_ID_PREFIX):])
+
+
+def parse_logprobs(choice: dict[str, Any], k: int, completion_tokens: int):
+    """The choice's logprobs.content as a TokenLogprobs: per token its id and the top_logprobs entries (vLLM lists
+    the sampled token first, then the top ones: K entries holding the sampled token and the top K, or K - 1 when the
+    sampled token is outside them). A server that sends none cannot record them on any request: PermanentError."""
+    from cot_distill.logprob_store import TokenLogprobs
+
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is None and completion_tokens:
+        raise PermanentError("generate.logprobs is set and the server returned no logprobs: it does not support "
+                             "logprobs/top_logprobs on chat completions")
+    try:
+        token_ids = [_token_id(entry) for entry in content or ()]
+        topk = [[(_token_id(alt), float(alt["logprob"])) for alt in entry.get("top_logprobs") or ()]
+                for entry in content or ()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TransientError(f"malformed logprobs in the response: {str(content)[:200]}") from None
+    return TokenLogprobs.from_lists(token_ids, topk, k)
+
+
+def parse_completion(data: Any, logprobs: int | None = None) -> Completion:
+    """The first choice of a chat completion; with `logprobs` (K) its recorded top-K as well."""
     try:
         choice = data["choices"][0]
         message = choice["message"]
@@ -152,6 +185,7 @@ def parse_completion(data: Any) -> Completion:
         reasoning, answer, closed = split_reasoning(content)
         text = content
     usage = data.get("usage") or {}
+    completion_tokens = int(usage.get("completion_tokens") or 0)
     return Completion(
         text=text,
         reasoning=reasoning,
@@ -159,7 +193,8 @@ def parse_completion(data: Any) -> Completion:
         reasoning_closed=closed,
         finish_reason=finish_reason,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        completion_tokens=completion_tokens,
+        logprobs=parse_logprobs(choice, logprobs, completion_tokens) if logprobs else None,
     )
 
 
@@ -196,7 +231,7 @@ class OpenAICompatClient:
             data = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise TransientError(f"malformed response body: {payload[:200]!r}") from None
-        return parse_completion(data)
+        return parse_completion(data, params.get("logprobs"))
 
     async def served_models(self, base_url: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """The entries of GET /models (id, and on vLLM root and max_model_len); TransientError when unreachable."""

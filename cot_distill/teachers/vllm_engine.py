@@ -50,10 +50,22 @@ def to_sampling_params(params: dict[str, Any]):
     if unknown:
         raise ValueError(f"generate.sampling.extra_body keys not understood by vllm.SamplingParams: {unknown}")
     base = {k: params[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop") if params.get(k) is not None}
+    if params.get("logprobs"):
+        base["logprobs"] = params["logprobs"]  # the sampled token and the top K per position
     return SamplingParams(n=1, **base, **extra)
 
 
-def to_completion(output) -> Completion:
+def recorded_logprobs(choice, k: int):
+    """A choice's per-position logprobs as a TokenLogprobs holding the same K entries the OpenAI server returns:
+    the first K of vLLM's dict per position (the sampled token first, then the top ones; logprob_store.py)."""
+    from cot_distill.logprob_store import TokenLogprobs
+
+    positions = choice.logprobs or []
+    topk = [[(token, entry.logprob) for token, entry in list(position.items())[:k]] for position in positions]
+    return TokenLogprobs.from_lists(list(choice.token_ids), topk, k)
+
+
+def to_completion(output, logprobs: int | None = None) -> Completion:
     choice = output.outputs[0]
     reasoning, answer, closed = split_reasoning(choice.text)
     return Completion(
@@ -64,6 +76,7 @@ def to_completion(output) -> Completion:
         finish_reason=choice.finish_reason,
         prompt_tokens=len(output.prompt_token_ids or []),
         completion_tokens=len(choice.token_ids),
+        logprobs=recorded_logprobs(choice, logprobs) if logprobs else None,
     )
 
 
@@ -181,7 +194,8 @@ class StepLoop:
                                             f"finish_reason={output.outputs[0].finish_reason}")
                 continue
             latency_s = time.monotonic() - attempt.added_at
-            self.events.on_sample(attempt.request, to_completion(output), latency_s, attempt.number, None)
+            self.events.on_sample(attempt.request, to_completion(output, attempt.request.params.get("logprobs")),
+                                  latency_s, attempt.number, None)
             self.events.on_tick(len(self.in_flight))
 
     def abort_overdue(self) -> None:

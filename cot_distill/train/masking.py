@@ -216,11 +216,28 @@ def encode_conversation(tokenizer, template: str, messages: list[dict], assistan
     return ids, labels, _render(tokenizer, template, messages)
 
 
+def encode_recorded_conversation(tokenizer, template: str, row: dict, index: int,
+                                 reply_from_record) -> tuple[list[int], list[int], dict]:
+    """(input_ids, labels, extra columns) of a row whose reply is the teacher's recorded tokens: the prompt as
+    inference renders it, then reply_from_record(row, index)'s ids, all of them labels."""
+    messages = normalize_messages(row["messages"][:-1], "think_tags")[0]  # only the prompt turns: Arrow's Nones
+    prompt_ids = _encode(tokenizer, _render(tokenizer, template, messages, add_generation_prompt=True))
+    reply_ids, extra = reply_from_record(row, index)
+    return prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids, extra
+
+
 def tokenize_conversations(dataset, tokenizer, template: str, cfg: TrainSection, end_of_turn: int,
-                           max_length: int | None, num_proc: int | None):
-    """Dataset of messages -> Dataset of input_ids/labels (+ length), overlong rows dropped or truncated."""
+                           max_length: int | None, num_proc: int | None, reply_from_record=None):
+    """Dataset of messages -> Dataset of input_ids/labels (+ length), overlong rows dropped or truncated.
+    `reply_from_record(row, index) -> (reply ids, extra columns)`: the final reply is those ids instead of the
+    tokenized text (kd.teacher: recorded, train/recorded.py), and the extra columns are kept."""
 
     def encode_row(row: dict, index: int) -> dict:
+        if reply_from_record is not None:
+            ids, labels, extra = encode_recorded_conversation(tokenizer, template, row, index, reply_from_record)
+            if cfg.overlong == "truncate" and max_length is not None:
+                ids, labels = ids[:max_length], labels[:max_length]
+            return {"input_ids": ids, "labels": labels, "length": len(ids), **extra}
         messages, reasoning = normalize_messages(row["messages"], cfg.reasoning_format)
         try:
             ids, labels, rendered = encode_conversation(tokenizer, template, messages, cfg.assistant_mask,

@@ -10,6 +10,7 @@ uniform stage entry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from cot_distill.train.masking import (
     resolve_chat_template,
     tokenize_conversations,
 )
+from cot_distill.train.recorded import recorded_reply
 from cot_distill.train.setup import (
     STALE_CHECKPOINTS,
     InputsFingerprintCallback,
@@ -90,7 +92,9 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     end_of_turn = find_end_of_turn(tokenizer, train_template, cfg.assistant_mask)
     # Loaded before the data so that a wrong teacher fails in seconds; after ensure_chatml_tokens, which may grow
     # the student's vocabulary.
-    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if cfg.method == "kd" else (None, None)
+    recorded = cfg.kd is not None and cfg.kd.recorded  # the teacher's top-K from generate's records, no model
+    live_kd = cfg.method == "kd" and not recorded
+    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if live_kd else (None, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss; any id works
     tokenizer.chat_template = saved_template
@@ -101,13 +105,18 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         conversations = conversations.select(range(min(cfg.max_examples, len(conversations))))
     # Every rank tokenizes for itself, in memory: nothing is written next to the curated dataset.
     max_length = cfg.sft.get("max_length", SFTConfig.max_length)
+    reply_from_record = None
+    if recorded:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        reply_from_record = functools.partial(recorded_reply, tokenizer, end_of_turn=end_of_turn,
+                                              vocab_size=vocab_size)
     train_dataset = tokenize_conversations(conversations, tokenizer, train_template, cfg, end_of_turn, max_length,
-                                           sft_args.dataset_num_proc)
+                                           sft_args.dataset_num_proc, reply_from_record)
     if len(train_dataset) == 0:
         raise TrainError(f"{cfg.dataset}: no example fits max_length {max_length}")
 
     loss_head = cfg.loss_head if cfg.loss_head != "auto" else ("fused" if on_accelerator() else "compact")
-    loss_head = "compact" if teacher is not None else loss_head  # kd's chunked loss runs on the compact head
+    loss_head = "compact" if cfg.method == "kd" else loss_head  # kd's chunked loss runs on the compact head
     trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, processing_class=tokenizer,
                                 peft_config=lora_config(cfg), loss_head=loss_head, token_metrics=cfg.token_metrics,
                                 callbacks=[InputsFingerprintCallback(fingerprint), *(callbacks or [])],
@@ -130,8 +139,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
                  "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
                  "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size,
                  "inputs_fingerprint": fingerprint["digest"]}
-        if teacher is not None:  # sft manifests keep their keys
-            extra.update(method="kd", teacher=teacher_path)
+        if cfg.method == "kd":  # sft manifests keep their keys
+            extra.update(method="kd", teacher=teacher_path or cfg.kd.teacher)
         write_manifest(
             output_dir, stage="train", recipe=recipe_snapshot, files=_output_files(output_dir),
             counts={"examples": len(conversations), "trained_examples": len(train_dataset),

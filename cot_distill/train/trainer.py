@@ -13,8 +13,14 @@ from trl import SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from cot_distill.config.train import KDSection
-from cot_distill.kd import DistillationSums, chunked_distillation_sums, weighted_distillation_loss
+from cot_distill.kd import (
+    DistillationSums,
+    chunked_distillation_sums,
+    chunked_sparse_distillation_sums,
+    weighted_distillation_loss,
+)
 from cot_distill.train.masking import IGNORE, TrainError
+from cot_distill.train.recorded import TEACHER_COLUMNS, TOPK_IDS, TOPK_LOGPROBS, RecordedLogprobsCollator
 
 # Config attributes that make a model scale or cap its logits; the compact head does not replicate them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -57,10 +63,13 @@ class DistillSFTTrainer(SFTTrainer):
 
     With a `teacher` (method: kd) the loss is cot_distill.kd's alpha * CE + beta * tau^2 * KL on the same tokens,
     always on the compact head, chunk by chunk; the unweighted parts are logged as `ce_loss` (token-mean NLL, the
-    number an sft run logs as `loss`) and `kl_loss` (token-mean KL at temperature tau), the total as `loss`."""
+    number an sft run logs as `loss`) and `kl_loss` (token-mean KL at temperature tau), the total as `loss`.
+    With kd.teacher: recorded there is no teacher model: the batches carry the teacher's recorded top-K rows
+    (train/recorded.py) and the KL is the sparse one (kd.sparse_distillation_sums), logged the same way."""
 
     def __init__(self, *args, loss_head: str = "compact", token_metrics: bool = False, teacher=None,
                  kd: KDSection | None = None, **kwargs):
+        self.recorded = kd is not None and kd.recorded
         super().__init__(*args, **kwargs)
         self.token_metrics = token_metrics
         text_config = self.model.config.get_text_config()
@@ -70,6 +79,9 @@ class DistillSFTTrainer(SFTTrainer):
         if teacher is not None:
             self._check_distillation_supported(teacher)
             self.loss_head, self.teacher = "compact", self._place_teacher(teacher)
+        if self.recorded:
+            self._check_distillation_supported(None)
+            self.loss_head, self.data_collator = "compact", RecordedLogprobsCollator(self.data_collator)
         if token_metrics:
             return
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -87,7 +99,8 @@ class DistillSFTTrainer(SFTTrainer):
             raise ValueError("method: kd replaces TRL's loss, so it cannot honour token_metrics, sft.loss_type other "
                              "than nll, label smoothing, a compute_loss_func, sequence parallelism or a MoE router "
                              "aux loss")
-        for name, model in (("student", self.model), ("teacher", teacher)):
+        models = [("student", self.model)] + ([("teacher", teacher)] if teacher is not None else [])
+        for name, model in models:
             text_config = model.config.get_text_config()
             transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
             if transforms:  # the chunked head projects hidden states itself and would skip them
@@ -112,8 +125,13 @@ class DistillSFTTrainer(SFTTrainer):
             or (parallelism is not None and parallelism.sp_enabled)
         )
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.recorded and self._signature_columns is not None:  # the collator needs each row's record link
+            self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is not None:
+        if self.teacher is not None or self.recorded:
             return self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs or self._uses_trl_loss():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -132,12 +150,17 @@ class DistillSFTTrainer(SFTTrainer):
         return loss
 
     def _distillation_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        distill = functools.partial(
-            chunked_distillation_sums, teacher_hidden=self._teacher_hidden(model_inputs, inputs["labels"]),
-            teacher_head=self.teacher.get_output_embeddings(), temperature=self.kd.temperature, kl=self.kd.kl,
-            chunk_tokens=self.kd.chunk_tokens,
-        )
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", TOPK_IDS, TOPK_LOGPROBS)}
+        if self.recorded:
+            distill = functools.partial(
+                chunked_sparse_distillation_sums, topk_ids=inputs[TOPK_IDS], topk_logprobs=inputs[TOPK_LOGPROBS],
+                temperature=self.kd.temperature, kl=self.kd.kl, chunk_tokens=self.kd.chunk_tokens)
+        else:
+            distill = functools.partial(
+                chunked_distillation_sums, teacher_hidden=self._teacher_hidden(model_inputs, inputs["labels"]),
+                teacher_head=self.teacher.get_output_embeddings(), temperature=self.kd.temperature, kl=self.kd.kl,
+                chunk_tokens=self.kd.chunk_tokens,
+            )
         sums = DistillationSums(*model(**model_inputs, compact_labels=inputs["labels"], distill=distill))
         loss = weighted_distillation_loss(sums, self.kd.alpha, self.kd.beta, self.kd.temperature,
                                           num_items_in_batch)

