@@ -183,6 +183,32 @@ def compare(
 
 
 @app.command()
+def push(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with a push section (the hub repos)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Write the cards and plan.json under push.output_dir and upload nothing "
+                                      "(same as --set push.dry_run=true)."),
+) -> None:
+    """Upload the curated dataset and the trained (and quantized) students to the Hugging Face Hub, each with a
+    card: recipe, teacher, data provenance, the eval table from report.json, the quantization scheme.
+
+    push.dataset_repo, push.student_repo, push.ablation_repos and push.quantized_repo name the repos (unset: not
+    pushed); repos are created private unless push.private: false. The token is read from the environment
+    variable push.token_env (default HF_TOKEN). Every folder must hold its manifest.json, or nothing is pushed.
+    Checkpoints, stale-checkpoints/ and student_init/ are never uploaded.
+    """
+    from cot_distill import push as stage
+
+    loaded = _load(recipe, [*(set_ or []), *(["push.dry_run=true"] if dry_run else [])])
+    plan = _run_stage(lambda: stage.run_push(loaded))
+    verb = "would push" if plan["dry_run"] else "pushed"
+    for upload in plan["uploads"]:
+        typer.echo(f"{verb} {upload['label']}: {len(upload['files'])} files -> {upload['url']}")
+    typer.echo(f"cards and plan: {loaded.push.output_dir}")
+
+
+@app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),

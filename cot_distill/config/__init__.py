@@ -7,6 +7,7 @@ imports no torch (tests/test_architecture.py checks it).
     curate    the curate section and its filters
     train     the train section (sft, lora, kd, init_from)
     eval      the eval section and `cot-distill eval`'s options
+    push      the push section (hub repos for `cot-distill push`)
 """
 
 from cot_distill.config.base import RecipeError, Strict, apply_override
@@ -23,12 +24,13 @@ from cot_distill.config.generate import (
                                          TeacherSection,
                                          UntilVerifiedSection,
 )
+from cot_distill.config.push import PushSection
 from cot_distill.config.recipe import Recipe, load_recipe, recipe_snapshot
 from cot_distill.config.train import InitFrom, KDSection, LoraSection, TrainSection
 
 __all__ = [
     "BudgetSection", "CorrectnessFilter", "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
-    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "RateLimitSection", "Recipe", "RecipeError",
+    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "PushSection", "RateLimitSection", "Recipe", "RecipeError",
     "SamplingSection",
     "Strict", "TeacherSection", "TrainSection", "UntilVerifiedSection", "apply_override", "eval_settings", "load_recipe",
     "recipe_snapshot",

@@ -18,6 +18,7 @@ from cot_distill.config.base import RecipeError, Strict, apply_override, format_
 from cot_distill.config.curate import CurateSection
 from cot_distill.config.eval import EvalSection
 from cot_distill.config.generate import DataSection, GenerateSection, TeacherSection
+from cot_distill.config.push import PushSection
 from cot_distill.config.train import TrainSection
 
 
@@ -34,6 +35,7 @@ class Recipe(Strict):
     ablations: dict[str, dict[str, Any]] = {}
     eval: EvalSection = EvalSection()
     report: str | None = None  # where `cot-distill run` writes report.json; None: next to eval.output_dir
+    push: PushSection = PushSection()
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "Recipe":
