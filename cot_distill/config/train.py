@@ -79,14 +79,48 @@ class KDSection(Strict):
         return self.teacher == RECORDED_TEACHER
 
 
+class ServedTeacher(Strict):
+    """A teacher behind a vLLM OpenAI-compatible server, scoring the student's tokens with prompt_logprobs."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str  # the served model name
+    top_k: int = Field(default=20, ge=1)  # at most the server's --max-logprobs (vLLM's default: 20)
+    timeout_s: float = Field(default=300, gt=0)
+
+
+class OnPolicySection(Strict):
+    """method: on_policy (TRL's DistillationTrainer): the student samples completions of the dataset's prompts, and
+    the teacher's distribution on the student's own tokens is the target (see cot_distill/train/on_policy.py)."""
+
+    # Local path or offline asset of a teacher with the student's vocabulary (default: init_from.model), or
+    # `served` instead: a server scores the student's tokens (any teacher size; the sparse loss of kd.py).
+    teacher: str | None = None
+    served: ServedTeacher | None = None
+    beta: float = Field(default=0.5, ge=0.0, le=1.0)  # local teacher: TRL's JSD mix (0 forward KL, 1 reverse KL)
+    kl: Literal["forward", "reverse"] = "reverse"  # served teacher: the sparse KL's direction
+    temperature: float = Field(default=1.0, gt=0.0)  # sampling temperature and the divergence's
+    max_completion_length: int = Field(default=256, ge=1)  # tokens the student samples per prompt
+    share: float = Field(default=1.0, ge=0.0, le=1.0)  # batches the student generates; the rest use the trace
+    chunk_tokens: int = Field(default=1024, ge=1)  # served teacher: positions whose logits exist at once
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "OnPolicySection":
+        if self.teacher is not None and self.served is not None:
+            raise ValueError("train.on_policy: set `teacher` (a local model) or `served` (a server), not both")
+        return self
+
+
 class TrainSection(Strict):
     student: str | None = None  # local path or hub id
     init_from: InitFrom | None = None
     dataset: str | None = None  # save_to_disk folder, or a .jsonl/.json/.parquet file with a `messages` column
     output_dir: str
-    method: Literal["sft", "kd"] = "sft"  # kd: distill from a teacher's logits as well (see `kd`)
+    # kd: distill from a teacher's logits as well (see `kd`); on_policy: from the teacher's distribution on the
+    # student's own samples (see `on_policy`)
+    method: Literal["sft", "kd", "on_policy"] = "sft"
     kd: KDSection | None = None  # only with method: kd (absent: the defaults)
-    sft: dict[str, Any] = {}  # verbatim trl.SFTConfig(**sft)
+    on_policy: OnPolicySection | None = None  # only with method: on_policy (absent: the defaults)
+    sft: dict[str, Any] = {}  # verbatim trl.SFTConfig(**sft); for on_policy, trl.DistillationConfig(**sft)
     lora: LoraSection | None = None  # absent: full fine-tune
     merge: bool = False  # with lora: also write a merged full model to OUTPUT_DIR/merged
     # How reasoning reaches the chat template: "think_tags" folds a `reasoning_content` key into the content as
@@ -157,13 +191,28 @@ class TrainSection(Strict):
                                  "reorders tokens across rows (padding_free is fine)")
         return self
 
+    @model_validator(mode="after")
+    def _on_policy_settings(self) -> "TrainSection":
+        if self.method != "on_policy":
+            if self.on_policy is not None:
+                raise ValueError("train.on_policy is set but train.method is not on_policy")
+            return self
+        self.on_policy = self.on_policy or OnPolicySection()
+        if self.on_policy.teacher is None and self.on_policy.served is None:
+            if self.init_from is None:
+                raise ValueError("method: on_policy needs `train.on_policy.teacher` or `train.on_policy.served` (or a "
+                                 "student built with `init_from`, whose model is then the teacher)")
+            self.on_policy.teacher = self.init_from.model
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_absent_kd(self, handler) -> dict[str, Any]:
-        # An sft section dumps exactly as before `kd` existed: its resolved config and the pipeline's fingerprint
-        # of it stay the same, so existing train outputs are still reused.
+        # An sft section dumps exactly as before `kd` and `on_policy` existed: its resolved config and the pipeline's
+        # fingerprint of it stay the same, so existing train outputs are still reused.
         data = handler(self)
-        if self.kd is None:
-            data.pop("kd", None)
+        for key in ("kd", "on_policy"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
     @field_validator("resume", mode="before")

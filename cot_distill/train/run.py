@@ -23,16 +23,21 @@ from cot_distill.config import Recipe, recipe_snapshot
 from cot_distill.config.train import TrainSection
 from cot_distill.records import MANIFEST, invalidate_manifest, write_json_atomic, write_manifest
 from cot_distill.train.masking import (
+    IGNORE,
     TrainError,
+    encode_conversation,
     find_end_of_turn,
     load_conversations,
+    normalize_messages,
     resolve_chat_template,
     tokenize_conversations,
 )
+from cot_distill.train.on_policy import OnPolicyTrainer, ServedTeacherScorer, prompts_dataset
 from cot_distill.train.recorded import recorded_reply
 from cot_distill.train.setup import (
     STALE_CHECKPOINTS,
     InputsFingerprintCallback,
+    build_distillation_config,
     build_sft_config,
     checkpoint_dtype,
     checkpoint_to_resume,
@@ -40,6 +45,7 @@ from cot_distill.train.setup import (
     inputs_fingerprint,
     load_student,
     load_teacher,
+    local_teacher_name,
     lora_config,
     merge_adapter,
     on_accelerator,
@@ -69,7 +75,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         raise TrainError(f"training data {cfg.dataset} does not exist: run `cot-distill curate` first, or set "
                          f"train.dataset")
     output_dir = Path(cfg.output_dir)
-    sft_args = build_sft_config(cfg)
+    sft_args = build_distillation_config(cfg) if cfg.method == "on_policy" else build_sft_config(cfg)
     is_main = sft_args.process_index == 0
     if wants_allocator_tuning(cfg) and sft_args.use_cpu:
         tune_cpu_allocator()
@@ -93,8 +99,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     # Loaded before the data so that a wrong teacher fails in seconds; after ensure_chatml_tokens, which may grow
     # the student's vocabulary.
     recorded = cfg.kd is not None and cfg.kd.recorded  # the teacher's top-K from generate's records, no model
-    live_kd = cfg.method == "kd" and not recorded
-    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if live_kd else (None, None)
+    local_teacher = local_teacher_name(cfg) is not None
+    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if local_teacher else (None, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss; any id works
     tokenizer.chat_template = saved_template
@@ -103,24 +109,29 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     conversations = load_conversations(cfg.dataset)
     if cfg.max_examples is not None:
         conversations = conversations.select(range(min(cfg.max_examples, len(conversations))))
-    # Every rank tokenizes for itself, in memory: nothing is written next to the curated dataset.
-    max_length = cfg.sft.get("max_length", SFTConfig.max_length)
-    reply_from_record = None
-    if recorded:
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        reply_from_record = functools.partial(recorded_reply, tokenizer, end_of_turn=end_of_turn,
-                                              vocab_size=vocab_size)
-    train_dataset = tokenize_conversations(conversations, tokenizer, train_template, cfg, end_of_turn, max_length,
-                                           sft_args.dataset_num_proc, reply_from_record)
-    if len(train_dataset) == 0:
-        raise TrainError(f"{cfg.dataset}: no example fits max_length {max_length}")
-
+    callbacks = [InputsFingerprintCallback(fingerprint), *(callbacks or [])]
     loss_head = cfg.loss_head if cfg.loss_head != "auto" else ("fused" if on_accelerator() else "compact")
-    loss_head = "compact" if cfg.method == "kd" else loss_head  # kd's chunked loss runs on the compact head
-    trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, processing_class=tokenizer,
-                                peft_config=lora_config(cfg), loss_head=loss_head, token_metrics=cfg.token_metrics,
-                                callbacks=[InputsFingerprintCallback(fingerprint), *(callbacks or [])],
-                                teacher=teacher, kd=cfg.kd)
+    if cfg.method == "on_policy":
+        train_dataset = prompts_dataset(conversations, functools.partial(
+            reply_tokens, tokenizer, train_template, cfg, end_of_turn))
+        trainer = on_policy_trainer(cfg, model, teacher, sft_args, train_dataset, tokenizer, callbacks)
+    else:
+        # Every rank tokenizes for itself, in memory: nothing is written next to the curated dataset.
+        max_length = cfg.sft.get("max_length", SFTConfig.max_length)
+        reply_from_record = None
+        if recorded:
+            vocab_size = model.get_output_embeddings().weight.shape[0]
+            reply_from_record = functools.partial(recorded_reply, tokenizer, end_of_turn=end_of_turn,
+                                                  vocab_size=vocab_size)
+        train_dataset = tokenize_conversations(conversations, tokenizer, train_template, cfg, end_of_turn,
+                                               max_length, sft_args.dataset_num_proc, reply_from_record)
+        if len(train_dataset) == 0:
+            raise TrainError(f"{cfg.dataset}: no example fits max_length {max_length}")
+        loss_head = "compact" if cfg.method == "kd" else loss_head  # kd's chunked loss runs on the compact head
+        trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset,
+                                    processing_class=tokenizer, peft_config=lora_config(cfg), loss_head=loss_head,
+                                    token_metrics=cfg.token_metrics, callbacks=callbacks, teacher=teacher,
+                                    kd=cfg.kd)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -141,6 +152,12 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
                  "inputs_fingerprint": fingerprint["digest"]}
         if cfg.method == "kd":  # sft manifests keep their keys
             extra.update(method="kd", teacher=teacher_path or cfg.kd.teacher)
+        if cfg.method == "on_policy":
+            served = cfg.on_policy.served
+            extra.update(method="on_policy", teacher=teacher_path or f"{served.model} at {served.base_url}",
+                         loss_head=None)
+            if served is not None:
+                extra["teacher_requests"] = trainer.scorer.requests
         write_manifest(
             output_dir, stage="train", recipe=recipe_snapshot, files=_output_files(output_dir),
             counts={"examples": len(conversations), "trained_examples": len(train_dataset),
@@ -149,6 +166,27 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def reply_tokens(tokenizer, template: str, cfg: TrainSection, end_of_turn: int, row: dict, index: int) -> list[int]:
+    """The row's reply as sft trains it (through its stop token): on_policy's off-policy batches train on it."""
+    messages, _ = normalize_messages(row["messages"], cfg.reasoning_format)
+    try:
+        _, labels, _ = encode_conversation(tokenizer, template, messages, "final_turn", end_of_turn)
+    except ValueError as error:
+        raise type(error)(f"row {index}: {error}") from error
+    return [token for token in labels if token != IGNORE]
+
+
+def on_policy_trainer(cfg: TrainSection, model, teacher, args, train_dataset, tokenizer, callbacks):
+    """TRL's DistillationTrainer (train/on_policy.py) with the student we built; prompts are left-padded, as its
+    generation needs."""
+    on_policy = cfg.on_policy
+    scorer = ServedTeacherScorer(on_policy.served) if on_policy.served is not None else None
+    tokenizer.padding_side = "left"
+    return OnPolicyTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train_dataset,
+                           processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
+                           share=on_policy.share, scorer=scorer, kl=on_policy.kl, chunk_tokens=on_policy.chunk_tokens)
 
 
 def load_train_section(path: str | Path) -> TrainSection:

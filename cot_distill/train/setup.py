@@ -81,6 +81,40 @@ def build_sft_config(cfg: TrainSection) -> SFTConfig:
     return SFTConfig(**args)
 
 
+# SFTConfig keys with no meaning for DistillationConfig (on_policy tokenizes prompts, not conversations).
+_SFT_ONLY_KEYS = ("max_length", "packing", "packing_strategy", "padding_free", "dataset_num_proc", "completion_only_loss",
+                  "loss_type", "dataset_kwargs", "eos_token", "pad_token")
+
+
+def build_distillation_config(cfg: TrainSection):
+    """trl.DistillationConfig for method: on_policy: cfg.sft minus SFT-only keys (an error names any), the
+    on_policy section's beta, temperature and max_completion_length, and the CPU defaults of build_sft_config
+    (DistillationConfig turns gradient checkpointing on by default; off on CPU as for sft)."""
+    from trl import DistillationConfig
+
+    from cot_distill.train.masking import TrainError
+
+    given = [key for key in _SFT_ONLY_KEYS if key in cfg.sft]
+    if given:
+        raise TrainError(f"method: on_policy trains with trl.DistillationConfig, which has no {given}: remove them "
+                         f"from train.sft (on_policy.max_completion_length bounds what the student samples)")
+    on_policy = cfg.on_policy
+    args = {key: value for key, value in cfg.sft.items() if key != "model_init_kwargs"}
+    args.update(output_dir=cfg.output_dir, beta=on_policy.beta, temperature=on_policy.temperature,
+                max_completion_length=on_policy.max_completion_length)
+    args.setdefault("report_to", "none")
+    if not on_accelerator():
+        args.setdefault("use_cpu", True)
+        args.setdefault("gradient_checkpointing", False)
+        if "bf16" not in args and "fp16" not in args:
+            autocast = cfg.bf16_autocast_on_cpu
+            args["bf16"] = cpu_has_native_bf16() if autocast == "auto" else autocast
+    try:
+        return DistillationConfig(**args)
+    except TypeError as error:
+        raise TrainError(f"train.sft for method: on_policy: {error}") from None
+
+
 def prepare_student(cfg: TrainSection, sft_args: SFTConfig) -> str:
     """Path or hub id of the student; with init_from, builds it once under OUTPUT_DIR/student_init."""
     if cfg.init_from is None:
@@ -121,13 +155,23 @@ def check_same_vocabulary(student, student_tokenizer, student_path: str, teacher
                          f"({teacher_path}) both have vocab_size {student_size} but map tokens to different ids")
 
 
+def local_teacher_name(cfg: TrainSection) -> str | None:
+    """The teacher model to load next to the student: kd's unless recorded, on_policy's unless served; else None."""
+    if cfg.method == "kd" and not cfg.kd.recorded:
+        return cfg.kd.teacher
+    if cfg.method == "on_policy":
+        return cfg.on_policy.teacher
+    return None
+
+
 def load_teacher(cfg: TrainSection, student, student_tokenizer, student_path: str) -> tuple[Any, str]:
-    """(frozen teacher in the student's dtype, its resolved path) for method: kd, after the vocabulary check."""
+    """(frozen teacher in the student's dtype, its resolved path) for method kd or on_policy, after the vocabulary
+    check."""
     from transformers import AutoModelForCausalLM
 
     from cot_distill.assets import resolve_model_path
 
-    path = resolve_model_path(cfg.kd.teacher)  # offline asset names (smollm2-135m) as well as folders
+    path = resolve_model_path(local_teacher_name(cfg))  # offline asset names (smollm2-135m) as well as folders
     check_same_vocabulary(student, student_tokenizer, student_path, path)
     kwargs = {"dtype": student.dtype}
     if cfg.attn_implementation:

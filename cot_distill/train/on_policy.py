@@ -1,0 +1,150 @@
+"""method: on_policy: the student samples completions of the dataset's prompts and learns the teacher's distribution
+on its own tokens, through TRL 1.16's DistillationTrainer (generation with transformers, or vLLM where installed
+and `sft.use_vllm` asks for it).
+
+- A local teacher (on_policy.teacher, the student's vocabulary): TRL's own loss, the generalized JSD with
+  on_policy.beta (0: forward KL, 1: reverse KL), both distributions at on_policy.temperature, chunked over the
+  vocabulary.
+- A served teacher (on_policy.served): ServedTeacherTrainer scores the student's sampled tokens through the
+  endpoint's /v1/completions with `prompt_logprobs: K` on prompt + completion (vLLM's raw log-probabilities:
+  temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned: the same loss
+  as kd.teacher: recorded, so any teacher size works. TRL's experimental ServerDistillationTrainer handles reverse
+  KL only at top-1 and needs TRL's own server; this needs any vLLM OpenAI server.
+- on_policy.share: the fraction of batches the student generates; the others train on the dataset's own trace
+  (off-policy, GKD's lmbda), which TRL 1.16's DistillationTrainer no longer offers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import random
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import torch
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from trl import DistillationTrainer
+
+from cot_distill.config.train import ServedTeacher
+from cot_distill.kd import chunked_sparse_distillation_sums
+from cot_distill.train.masking import TrainError
+
+
+class TeacherUnavailable(Exception):
+    """A transient failure to reach the served teacher (retried)."""
+
+
+class ServedTeacherScorer:
+    """The served teacher's top-K log-probabilities at every completion position, from /v1/completions with the
+    sequence as token ids, prompt_logprobs K and one generated token (the request's only cost beyond the prefill).
+    Each position's entries are what vLLM returns: the actual token and the top K (deduplicated), so up to K + 1."""
+
+    def __init__(self, served: ServedTeacher, workers: int = 8):
+        self.served, self.workers, self.requests = served, workers, 0
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence, (ids, logprobs) arrays of shape (len(completion), K + 1), -inf where padded."""
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self.score_one, prompts, completions))
+
+    def score_one(self, prompt: list[int], completion: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        positions = self.prompt_logprobs(prompt + completion)[len(prompt):]
+        width = self.served.top_k + 1
+        ids = np.zeros((len(completion), width), dtype=np.int64)
+        logprobs = np.full((len(completion), width), -np.inf, dtype=np.float32)
+        for row, entries in enumerate(positions):
+            for column, (token, entry) in enumerate(list((entries or {}).items())[:width]):
+                ids[row, column], logprobs[row, column] = int(token), float(entry["logprob"])
+        return ids, logprobs
+
+    @retry(retry=retry_if_exception_type(TeacherUnavailable), stop=stop_after_attempt(6),
+           wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+    def prompt_logprobs(self, token_ids: list[int]) -> list[dict | None]:
+        body = {"model": self.served.model, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": self.served.top_k}
+        request = urllib.request.Request(f"{self.served.base_url.rstrip('/')}/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        self.requests += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.served.timeout_s) as response:
+                data = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code in (408, 429) or error.code >= 500:
+                raise TeacherUnavailable(f"HTTP {error.code}") from None
+            raise TrainError(f"the served teacher at {self.served.base_url} refused a scoring request: HTTP "
+                             f"{error.code}: {error.read()[:300].decode('utf-8', 'replace')}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise TeacherUnavailable(str(error)) from None
+        positions = (data.get("choices") or [{}])[0].get("prompt_logprobs")
+        if not isinstance(positions, list) or len(positions) != len(token_ids):
+            raise TrainError(f"the served teacher at {self.served.base_url} returned no prompt_logprobs for the "
+                             f"sequence (needs vLLM's /v1/completions with prompt_logprobs)")
+        return positions
+
+
+class OnPolicyTrainer(DistillationTrainer):
+    """DistillationTrainer with on_policy.share (off-policy batches train on the dataset's `completion_ids`) and,
+    with a `scorer`, the served teacher's sparse KL in place of the local teacher's JSD."""
+
+    def __init__(self, *args, share: float = 1.0, scorer: ServedTeacherScorer | None = None,
+                 kl: str = "reverse", chunk_tokens: int = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.share, self.scorer, self.kl, self.chunk_tokens = share, scorer, kl, chunk_tokens
+        self._share_rng = random.Random(self.args.seed)
+        self._dataset_completions: list[list[int]] | None = None
+
+    def _generate_and_score_completions(self, inputs):
+        on_policy = self.share >= 1.0 or self._share_rng.random() < self.share
+        self._metrics["train" if self.model.training else "eval"]["on_policy"].append(float(on_policy))
+        self._dataset_completions = None if on_policy else [list(row["completion_ids"]) for row in inputs]
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._dataset_completions = None
+
+    def _generate(self, prompts: list):
+        if self._dataset_completions is None:
+            return super()._generate(prompts)
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)  # the same prompt tokens generation would have used
+        return prompt_ids, self._dataset_completions, None, None, None
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if self.scorer is None:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, completion_ids.size(1))
+        valid = completion_mask.bool()
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["prompt_ids"], prompt_mask)]
+        completions = [ids[mask].tolist() for ids, mask in zip(completion_ids, valid)]
+        scored = self.scorer.score(prompts, completions)  # rows in the order hidden[valid] takes them
+        topk_ids = torch.from_numpy(np.concatenate([ids for ids, _ in scored])).to(hidden.device)
+        topk_logprobs = torch.from_numpy(np.concatenate([logprobs for _, logprobs in scored])).to(hidden.device)
+        sums = chunked_sparse_distillation_sums(
+            hidden[valid], completion_ids[valid], unwrapped_student.get_output_embeddings(), topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs, temperature=self.temperature, kl=self.kl, chunk_tokens=self.chunk_tokens)
+        count = sums.count if num_items_in_batch is None else num_items_in_batch
+        loss = sums.kl / torch.as_tensor(count).clamp(min=1)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["kl_loss"].append(float(sums.kl.detach()) / max(int(sums.count), 1))
+        self._metrics[mode]["teacher_requests"] = [self.scorer.requests]
+        # TRL logs the student's entropy from these; it is not computed on this path, so report it as absent (NaN).
+        return loss, torch.tensor(float("nan"), device=hidden.device), sums.count
+
+
+def prompts_dataset(conversations, encode_reply):
+    """Curated rows -> {prompt: the messages before the reply, completion_ids: the reply's tokens as sft trains them
+    (for off-policy batches)}."""
+
+    def to_prompt(row: dict, index: int) -> dict[str, Any]:
+        prompt = [{key: value for key, value in message.items() if value is not None}
+                  for message in row["messages"][:-1]]
+        return {"prompt": prompt, "completion_ids": encode_reply(row, index)}
+
+    return conversations.map(to_prompt, with_indices=True, remove_columns=conversations.column_names,
+                             keep_in_memory=True, desc="Prompts for on-policy distillation")

