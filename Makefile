@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo demo-kd test test-fast lint bench clean
+.PHONY: setup demo demo-kd demo-kd-recorded demo-opd test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,25 @@ demo: setup
 # compared against the teacher. Reuses every finished stage of `make demo`; adds ~13 min of training on 2 cores.
 demo-kd: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --set 'ablations={kd: {method: kd, output_dir: runs/demo/train-kd}}'
+
+# Issue 18's ablations, on one demo run whose generate also records the teacher's top-20 log-probabilities
+# (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records
+# (student_kd_recorded; no teacher in memory), and for demo-opd also on-policy steps on the sft student, scored by
+# the served teacher (student_opd). Each target reuses every finished stage of the other.
+DEMO_RECORDED := --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
+	--set curate.output_dir=runs/demo-recorded/curate --set train.output_dir=runs/demo-recorded/train \
+	--set eval.output_dir=runs/demo-recorded/eval --set report=runs/demo-recorded/report.json
+KD_ABLATIONS := kd: {method: kd, output_dir: runs/demo-recorded/train-kd}, \
+	kd_recorded: {method: kd, kd: {teacher: recorded}, output_dir: runs/demo-recorded/train-kd-recorded}
+OPD_ABLATION := opd: {method: on_policy, init_from: null, student: runs/demo-recorded/train, \
+	output_dir: runs/demo-recorded/train-opd, on_policy: {served: {}, max_completion_length: 192, kl: reverse}, \
+	sft: {max_steps: 24, per_device_train_batch_size: 8, learning_rate: 2.0e-5, logging_steps: 2, save_strategy: "no"}}
+
+demo-kd-recorded: setup
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(DEMO_RECORDED) --set 'ablations={$(KD_ABLATIONS)}'
+
+demo-opd: setup
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(DEMO_RECORDED) --set 'ablations={$(KD_ABLATIONS), $(OPD_ABLATION)}'
 
 test: setup
 	$(VENV)/bin/pytest -q -rs --durations=15 tests

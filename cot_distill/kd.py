@@ -4,8 +4,8 @@
 
 "forward" KL is the one above (teacher || student, mass-covering); "reverse" swaps the arguments
 (student || teacher, mode-seeking). The tau^2 factor keeps the KL gradients on the scale of the CE gradients
-as tau grows (TRL's GKD applies no temperature, DistillKit drops the factor). Both terms are averaged over the
-positions whose label is not -100.
+as tau grows (TRL 1.16's DistillationTrainer divides the logits by its temperature but has no tau^2 factor;
+DistillKit's kl.py multiplies by tau^2, as here). Both terms are averaged over the positions whose label is not -100.
 
 The math lives in `distillation_sums` only: the public `distillation_loss` and the trainer's chunked path
 (`chunked_distillation_sums`, which never holds logits for more than one chunk of positions) both reduce through it.

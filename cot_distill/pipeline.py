@@ -145,18 +145,43 @@ def run_curate_stage(recipe: Recipe) -> bool:
     return reuse_or_run("curate", recipe.curate.output_dir, fingerprint, lambda: curate.run(recipe))
 
 
-def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: str = "train") -> bool:
+def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: str = "train", slot=None) -> bool:
+    """Train one student unless its output is current. `slot`: where an on_policy student's served teacher (the
+    recipe's, when on_policy.served names none) is launched for the training."""
     from cot_distill import train as train_stage
     from cot_distill.curate import DATASET_DIR, TRAIN_FILE
 
     train = train or recipe.train
     if train.dataset is None:
         train = train.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
-    snapshot_recipe = recipe.model_copy(update={"train": train})
     from_curate = Path(train.dataset).resolve().is_relative_to(Path(recipe.curate.output_dir).resolve())
     inputs = output_hash(recipe.curate.output_dir, TRAIN_FILE) if from_curate else local_content(train.dataset)
+    # Fingerprinted before the served teacher's address is filled in: a new port must not retrain.
     fingerprint = stable_hash([train.model_dump(mode="json"), inputs, student_weights(train)])
-    return reuse_or_run(label, train.output_dir, fingerprint, lambda: train_stage.run(snapshot_recipe))
+
+    def train_now() -> Path:
+        snapshot_recipe = recipe.model_copy(update={"train": with_served_teacher(recipe, train, slot)})
+        return train_stage.run(snapshot_recipe)
+
+    return reuse_or_run(label, train.output_dir, fingerprint, train_now)
+
+
+def with_served_teacher(recipe: Recipe, train: TrainSection, slot) -> TrainSection:
+    """An on_policy section whose served teacher is the recipe's, with its address: the server the slot launches
+    from teacher.launch (the same settings generate used), or the teacher's first base_url."""
+    served = train.on_policy.served if train.method == "on_policy" else None
+    if served is None or served.base_url is not None:
+        return train
+    teacher = recipe.teacher
+    if teacher.launch is not None:
+        if slot is None:
+            raise PipelineError("on_policy.served is the recipe's teacher, which needs a server slot to launch in")
+        log_path = Path(train.output_dir) / "teacher-server.log"
+        base_url = slot.get(teacher.launch, teacher.model, log_path).base_urls[0]
+    else:
+        base_url = teacher.base_urls[0]
+    filled = served.model_copy(update={"base_url": base_url, "model": teacher.model})
+    return train.model_copy(update={"on_policy": train.on_policy.model_copy(update={"served": filled})})
 
 
 def local_content(dataset: str) -> str:
@@ -333,7 +358,8 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
             clock.run("curate", lambda: run_curate_stage(recipe))
         if "train" in chosen:
             for label, train in trained_students(recipe).items():
-                clock.run(f"train {label}", lambda: run_train_stage(recipe, train, f"train {label}"))
+                clock.run(f"train {label}", lambda: run_train_stage(recipe, train, f"train {label}", slot))
+            slot.close()  # a teacher served for on_policy training
         if "eval" in chosen and recipe.train is not None:
             folders.update(clock.run("eval students", lambda: eval_students(recipe, slot)))
     if "eval" not in chosen:

@@ -160,3 +160,45 @@ def test_make_demo_kd_override_builds_the_kd_ablation():
     assert kd.method == "kd" and kd.kd.teacher == recipe.train.init_from.model
     assert kd.init_from == recipe.train.init_from and kd.sft == recipe.train.sft
     assert kd.output_dir == "runs/demo/train-kd"
+
+
+def make_command(target: str) -> list[str]:
+    """The `cot-distill ...` command a make target runs, its variables expanded by make itself."""
+    import shlex
+    import subprocess
+
+    lines = subprocess.run(["make", "-n", "-s", target], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    return shlex.split(next(line for line in lines if "cot-distill run" in line))
+
+
+def overrides(command: list[str]) -> list[str]:
+    return [command[index + 1] for index, word in enumerate(command) if word == "--set"]
+
+
+def test_make_demo_kd_recorded_and_demo_opd_build_issue_18s_ablations():
+    from cot_distill.pipeline import trained_students, with_served_teacher
+
+    recorded = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-kd-recorded")))
+    assert recorded.generate.logprobs == 20 and set(recorded.ablations) == {"kd", "kd_recorded"}
+    assert recorded.ablation_train("kd_recorded").kd.recorded
+    assert not recorded.ablation_train("kd").kd.recorded
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-opd")))
+    assert set(recipe.ablations) == {"kd", "kd_recorded", "opd"}
+    folders = [recipe.generate.output_dir, recipe.curate.output_dir, recipe.eval.output_dir, str(recipe.report),
+               *(train.output_dir for train in trained_students(recipe).values())]
+    assert all(folder.startswith("runs/demo-recorded/") for folder in folders), folders
+    opd = recipe.ablation_train("opd")
+    assert opd.method == "on_policy" and opd.init_from is None and opd.student == recipe.train.output_dir
+    assert opd.on_policy.served.base_url is None  # the recipe's teacher, served by `run` for the training
+
+    class Slot:  # stands in for teachers.serve.ServerSlot: what the pipeline asks it to launch
+        def get(self, launch, name, log_path):
+            self.asked = (launch, name)
+            return type("Server", (), {"base_urls": ["http://127.0.0.1:1234/v1"]})()
+
+    slot = Slot()
+    served = with_served_teacher(recipe, opd, slot).on_policy.served
+    assert (served.base_url, served.model) == ("http://127.0.0.1:1234/v1", recipe.teacher.model)
+    assert slot.asked == (recipe.teacher.launch, recipe.teacher.model)
+    assert with_served_teacher(recipe, recipe.train, slot) is recipe.train

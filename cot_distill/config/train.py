@@ -80,10 +80,12 @@ class KDSection(Strict):
 
 
 class ServedTeacher(Strict):
-    """A teacher behind a vLLM OpenAI-compatible server, scoring the student's tokens with prompt_logprobs."""
+    """A teacher behind a vLLM OpenAI-compatible server, scoring the student's tokens with prompt_logprobs. Without
+    base_url and model: the recipe's teacher, which `cot-distill run` serves for the training (teacher.launch, or
+    its first base_url)."""
 
-    base_url: str  # e.g. http://127.0.0.1:8000/v1
-    model: str  # the served model name
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # the served model name
     top_k: int = Field(default=20, ge=1)  # at most the server's --max-logprobs (vLLM's default: 20)
     timeout_s: float = Field(default=300, gt=0)
 
@@ -102,6 +104,13 @@ class OnPolicySection(Strict):
     max_completion_length: int = Field(default=256, ge=1)  # tokens the student samples per prompt
     share: float = Field(default=1.0, ge=0.0, le=1.0)  # batches the student generates; the rest use the trace
     chunk_tokens: int = Field(default=1024, ge=1)  # served teacher: positions whose logits exist at once
+
+    @model_validator(mode="after")
+    def _served_in_full(self) -> "OnPolicySection":
+        if self.served is not None and (self.served.base_url is None) != (self.served.model is None):
+            raise ValueError("train.on_policy.served: give both base_url and model, or neither (the recipe's "
+                             "teacher, served by `cot-distill run`)")
+        return self
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "OnPolicySection":

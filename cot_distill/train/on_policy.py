@@ -43,6 +43,9 @@ class ServedTeacherScorer:
     Each position's entries are what vLLM returns: the actual token and the top K (deduplicated), so up to K + 1."""
 
     def __init__(self, served: ServedTeacher, workers: int = 8):
+        if served.base_url is None:
+            raise TrainError("train.on_policy.served has no base_url: the recipe's teacher is served for training "
+                             "by `cot-distill run`; for `cot-distill train`, give served.base_url and served.model")
         self.served, self.workers, self.requests = served, workers, 0
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
