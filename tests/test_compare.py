@@ -174,3 +174,11 @@ def test_compare_bootstraps_over_graded_samples_when_the_problems_match(tmp_path
     assert saved["rows"][1]["retention_se_percent"] == 0.0 and saved["bootstrap"] == {"resamples": 2000, "seed": 0}
     assert f"| gsm8k | student | {100 * rows['student']['pass_at_1']:.1f}% ± " in report["markdown"]
     assert "| 100.0% ± 0.0 |" in report["markdown"] and "†" in report["markdown"]
+
+
+def test_gpu_memory_is_the_servers_own_processes_not_the_machines():
+    from cot_distill.evaluate.footprint import parse_compute_apps
+
+    nvidia_smi = "4242, 30000\n4243, 1200\n999, 70000\n"  # 999: another job on the same GPUs
+    assert parse_compute_apps(nvidia_smi, {4242, 4243}) == 31200 * 2**20
+    assert parse_compute_apps("No running processes found\n", {4242}) == 0

@@ -120,10 +120,15 @@ def test_a_model_we_launch_is_served_once_for_all_benchmarks_and_measured(tmp_pa
     assert model["parameters"] == sum(p.numel() for p in reference.parameters())  # tied embeddings count once
     assert model["size_on_disk_bytes"] > 2 * model["parameters"]  # bf16 weights alone take 2 bytes each
     assert model["peak_memory"]["available"] and model["peak_memory"]["rss_bytes"] > 100 * 2**20
+    single = model["single_request"]  # the first benchmark's 5 problems, one at a time, 64 tokens each
+    assert (single["requests"], single["max_tokens"], single["fixed_length"]) == (5, 64, True)
+    assert 0 < single["latency_s"]["p50"] <= single["latency_s"]["p95"]
+    assert single["tokens_per_s"] == pytest.approx(5 * 64 / (5 * single["latency_s"]["mean"]), rel=0.01)
 
     again = run_eval(settings, target)  # everything is in the ledgers: a regrade starts no server
     assert len(launches) == 1 and again["benchmarks"]["first"]["samples"] == 5
     assert again["model"]["peak_memory"]["rss_bytes"] == model["peak_memory"]["rss_bytes"]
+    assert again["model"]["single_request"]["latency_s"] == single["latency_s"]
 
 
 def test_the_in_process_backend_is_evaluated_through_one_launched_server():

@@ -100,3 +100,57 @@ def test_ensure_student_init_builds_once_and_again_when_init_from_changes(tmp_pa
 
     ensure_student_init(InitFrom(model=str(teacher_dir), keep_layers=[0, 1]), folder)
     assert AutoConfig.from_pretrained(folder).student_init["kept_layers"] == [0, 1]
+
+
+def teacher_with_a_dead_layer(folder: Path, dead: int) -> Path:
+    """A tiny 4-layer teacher whose layer `dead` adds nothing to the residual stream (its attention and MLP output
+    projections are zero): both scores must find it unimportant."""
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_student(folder, layers=4, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        layer = model.model.layers[dead]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("score", ["block_importance", "skip_loss"])
+def test_keep_auto_drops_the_layer_that_does_nothing_and_records_why(tmp_path, score):
+    import json
+
+    from test_train_support import write_toy_dataset
+
+    from cot_distill.config.train import InitFrom
+    from cot_distill.train.student_init import LAYER_SCORES, ensure_student_init
+
+    teacher = teacher_with_a_dead_layer(tmp_path / "teacher", dead=2)
+    dataset = write_toy_dataset(tmp_path / "rows.jsonl")
+    init = InitFrom(model=str(teacher), keep="auto", layers=3, score=score, calibration_rows=8)
+    folder = ensure_student_init(init, tmp_path / "student_init", str(dataset))
+    choice = json.loads((folder / LAYER_SCORES).read_text())
+    scores = choice["scores"]
+    assert len(scores) == 4 and scores[2] == pytest.approx(0, abs=1e-5) and choice["calibration_rows"] == 8
+    assert choice["kept_layers"] == sorted(sorted(range(4), key=lambda i: -scores[i])[:3])
+    if score == "block_importance":  # every live layer turns its input; the dead one does not
+        assert choice["kept_layers"] == [0, 1, 3] and min(scores[i] for i in (0, 1, 3)) > 1e-3
+    else:  # in a random model, skipping a live layer can also lower the loss (a negative score)
+        assert all(abs(scores[i]) > 1e-4 for i in (0, 1, 3))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(folder).num_hidden_layers == 3
+    again = ensure_student_init(init, tmp_path / "student_init-2", str(dataset))
+    assert json.loads((again / LAYER_SCORES).read_text()) == choice  # deterministic
+
+
+def test_keep_auto_settings_are_checked():
+    from pydantic import ValidationError
+
+    from cot_distill.config.train import InitFrom
+
+    with pytest.raises(ValidationError, match="needs `layers`"):
+        InitFrom(model="m", keep="auto")
+    with pytest.raises(ValidationError, match="exactly one of"):
+        InitFrom(model="m", keep="auto", layers=2, every=3)

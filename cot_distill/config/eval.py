@@ -34,6 +34,16 @@ class LocalBenchmark(Strict):
 EvalSampling = SamplingSection
 
 
+class FootprintProbe(Strict):
+    """Single requests, one at a time, with the same prompts and exactly the same number of generated tokens for
+    every model (ignore_eos), after the benchmarks: latency that does not depend on the window or on how long a
+    model's answers are. Runs only while eval has a server of its own (a local launch) or an endpoint."""
+
+    enabled: bool = True
+    requests: int = Field(default=16, ge=2)  # the first N problems of the first benchmark
+    max_tokens: int = Field(default=64, ge=1)
+
+
 class EvalSection(Strict):
     output_dir: str = "runs/eval"
     benchmarks: list[str | LocalBenchmark] = list(BUILTIN_BENCHMARKS)
@@ -51,6 +61,7 @@ class EvalSection(Strict):
     # untrained (e.g. layer-pruned) student tends to ramble to max_tokens, so it gets fewer samples by default
     # (pass@1 from one sample per problem is unbiased, only noisier). 0: skip that eval.
     before_training_samples: int = Field(default=1, ge=0)
+    footprint: FootprintProbe = FootprintProbe()
 
     @field_validator("benchmarks")
     @classmethod

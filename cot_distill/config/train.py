@@ -28,11 +28,22 @@ class InitFrom(Strict):
     model: str  # local path or hub id of the teacher (Llama / Qwen2 / Qwen3 family, or any same-shaped decoder)
     keep_layers: list[int] | None = None  # teacher layer indices to copy, in order
     every: int | None = Field(default=None, ge=1)  # keep layers 0, every, 2*every, ... plus the last one
+    # keep: auto keeps the `layers` layers with the highest `score`, measured on the first `calibration_rows`
+    # rows of the training data (train/layer_scores.py); the choice and every layer's score go into the manifest.
+    keep: Literal["auto"] | None = None
+    layers: int | None = Field(default=None, ge=1)
+    score: Literal["block_importance", "skip_loss"] = "block_importance"
+    calibration_rows: int = Field(default=64, ge=1)
+    calibration_max_length: int = Field(default=512, ge=8)
 
     @model_validator(mode="after")
     def _exactly_one_selector(self) -> "InitFrom":
-        if (self.keep_layers is None) == (self.every is None):
-            raise ValueError("init_from needs exactly one of `keep_layers` or `every`")
+        chosen = [name for name in ("keep_layers", "every", "keep") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError("init_from needs exactly one of `keep_layers`, `every` or `keep: auto`"
+                             + (f" (got {', '.join(chosen)})" if chosen else ""))
+        if (self.keep is None) != (self.layers is None):
+            raise ValueError("init_from.keep: auto needs `layers` (how many to keep), and `layers` needs keep: auto")
         if self.keep_layers is not None:
             if not self.keep_layers:
                 raise ValueError("init_from.keep_layers must not be empty")

@@ -206,6 +206,7 @@ def comparison_rows(runs: dict[str, dict[str, Any]], reference: str,
                 continue
             model = results["model"]
             memory = model.get("peak_memory") or {}
+            single = model.get("single_request") or {}
             se, method = retention_se(metrics, reference_metrics, scores.get(label, {}).get(benchmark),
                                       reference_scores, label == reference)
             rows.append({
@@ -218,6 +219,9 @@ def comparison_rows(runs: dict[str, dict[str, Any]], reference: str,
                 "mean_completion_tokens": metrics["mean_completion_tokens"],
                 "latency_p50_s": metrics["latency_s"]["p50"], "latency_p95_s": metrics["latency_s"]["p95"],
                 "throughput_tokens_per_s": metrics.get("throughput_tokens_per_s"),
+                "single_latency_p50_s": (single.get("latency_s") or {}).get("p50"),
+                "single_latency_p95_s": (single.get("latency_s") or {}).get("p95"),
+                "single_tokens_per_s": single.get("tokens_per_s"),
                 "peak_rss_bytes": memory.get("rss_bytes"), "peak_gpu_bytes": memory.get("gpu_bytes"),
                 "parameters": model.get("parameters"), "layers": model.get("layers"),
                 "size_on_disk_bytes": model.get("size_on_disk_bytes"),
@@ -228,21 +232,27 @@ def comparison_rows(runs: dict[str, dict[str, Any]], reference: str,
 
 def comparison_markdown(rows: list[dict[str, Any]], reference: str) -> str:
     header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "truncated",
-              "latency p50 / p95 (s)", "tok/s", "peak memory (RSS / GPU)", "parameters", "layers", "size on disk"]
+              "latency p50 / p95 (s)", "tok/s", "single request p50 / p95 (s)", "single tok/s",
+              "peak memory (RSS / GPU)", "parameters", "layers", "size on disk"]
     table = [[row["benchmark"], row["model"] + (" (reference)" if row["is_reference"] else ""),
               _percent_with_se(row["pass_at_1"], row.get("pass_at_1_stderr")), _percent(row["maj_at_k"]),
               retention_cell(row),
               _number(row["mean_completion_tokens"], 0), _percent(row.get("truncation_rate")),
               f"{_number(row['latency_p50_s'], 2)} / {_number(row['latency_p95_s'], 2)}",
               _number(row["throughput_tokens_per_s"], 0),
+              f"{_number(row.get('single_latency_p50_s'), 2)} / {_number(row.get('single_latency_p95_s'), 2)}",
+              _number(row.get("single_tokens_per_s"), 0),
               f"{_bytes(row['peak_rss_bytes'])} / {_bytes(row['peak_gpu_bytes'])}",
               _count(row["parameters"]), _count(row.get("layers")), _bytes(row["size_on_disk_bytes"])]
              for row in rows]
     note = (f"Retention = pass@1 / pass@1 of the reference ({reference}). ± is one standard error, in percentage "
             f"points: of pass@1 over problems; of retention by a paired bootstrap over the problems both models "
             f"answered ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}), or, marked {DELTA_MARK}, by the delta "
-            f"method for two independent means where per-problem results are missing or cover other problems. Peak "
-            f"memory is measured only for models eval served itself ({MISSING}: a remote endpoint).")
+            f"method for two independent means where per-problem results are missing or cover other problems. Latency "
+            f"and tok/s: the benchmark's requests inside the eval window (they depend on answer lengths and the "
+            f"window); single request: the same prompts sent one at a time, each generating exactly the same number "
+            f"of tokens for every model. Peak memory: the serving process's own (weights plus the KV budget its "
+            f"launch settings give it), measured only for models eval served itself ({MISSING}: a remote endpoint).")
     return "\n".join(["# Comparison", "", markdown_table(header, table), "", note])
 
 

@@ -20,7 +20,7 @@ from cot_distill.config import GenerateSection, Recipe, TeacherSection
 from cot_distill.config.eval import EvalSection
 from cot_distill.evaluate.compare import results_table
 from cot_distill.evaluate.eval_sets import Benchmark, load_benchmark
-from cot_distill.evaluate.footprint import PeakMemory, describe_local_model
+from cot_distill.evaluate.footprint import PeakMemory, describe_local_model, single_request_latency
 from cot_distill.evaluate.metrics import GRADED_FILE, benchmark_metrics
 from cot_distill.evaluate.targets import as_served, refuse_seed_on_cpu, serving, target_from_model
 from cot_distill.generate import SAMPLES_FILE, SampleRequest, done_keys, generate_samples, plan_requests
@@ -174,12 +174,13 @@ def run_eval(settings: EvalSection, target: TeacherSection, slot=None) -> dict[s
     jobs = {benchmark.name: prepare_benchmark(benchmark, target, settings, template, out_dir, identity)
             for benchmark in benchmarks}
     unfinished = [job for job in jobs.values() if missing_samples(job)]
-    memory = None
+    memory, probe = None, None
     if unfinished:  # a rerun that only regrades does not start (and wait minutes for) a server
         with serving(target, out_dir, slot) as (endpoint, memory, server):
             for job in unfinished:
                 generate_benchmark(job, endpoint, settings, server)
-    results = {"created_at": utc_now(), "model": model_info(target, memory, out_dir),
+            probe = footprint_probe(settings, endpoint, benchmarks[0], template)
+    results = {"created_at": utc_now(), "model": model_info(target, memory, out_dir, probe),
                "generation": generation_info(settings, template), "benchmarks": {}}
     files = [RESULTS_FILE, RESULTS_TABLE]
     with Grader(anchor=settings.anchor, workers=settings.grading_workers) as grader:
@@ -212,7 +213,21 @@ def generation_info(settings: EvalSection, template) -> dict[str, Any]:
     }
 
 
-def model_info(target: TeacherSection, memory: PeakMemory | None, out_dir: Path) -> dict[str, Any]:
+def footprint_probe(settings: EvalSection, endpoint: TeacherSection, benchmark, template) -> dict[str, Any] | None:
+    """Latency of single fixed-length requests (evaluate/footprint.py), on the first problems of the first
+    benchmark, after the benchmarks ran on the same server."""
+    probe = settings.footprint
+    if not probe.enabled:
+        return None
+    conversations = [template.render(problem.problem) for problem in benchmark.problems[:probe.requests]]
+    print(f"[eval] footprint: {len(conversations)} single requests of {probe.max_tokens} tokens, one at a time",
+          file=sys.stderr)
+    return single_request_latency(endpoint.base_urls[0], endpoint.model, conversations, probe.max_tokens,
+                                  endpoint.api_key_env, endpoint.request_timeout_s)
+
+
+def model_info(target: TeacherSection, memory: PeakMemory | None, out_dir: Path,
+               probe: dict[str, Any] | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"name": target.model}
     if target.launch is not None:
         from cot_distill.assets import resolve_model_path
@@ -225,7 +240,14 @@ def model_info(target: TeacherSection, memory: PeakMemory | None, out_dir: Path)
         info["endpoints"] = target.base_urls
         info.update({"path": None, "parameters": None, "layers": None, "size_on_disk_bytes": None})
     info["peak_memory"] = memory.report() if memory is not None else earlier_peak_memory(target, out_dir)
+    info["single_request"] = probe if probe is not None else earlier_model_field(out_dir, "single_request")
     return info
+
+
+def earlier_model_field(out_dir: Path, field: str) -> dict[str, Any] | None:
+    """A measurement of an earlier run of this eval folder, when this run started no server."""
+    earlier = read_json(out_dir / RESULTS_FILE).get("model", {}).get(field) if (out_dir / RESULTS_FILE).exists() else None
+    return {**earlier, "measured": "in an earlier run"} if earlier else None
 
 
 def earlier_peak_memory(target: TeacherSection, out_dir: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from trl import SFTConfig
 
 from cot_distill.config import Recipe, recipe_snapshot
 from cot_distill.config.train import TrainSection
-from cot_distill.records import MANIFEST, invalidate_manifest, write_json_atomic, write_manifest
+from cot_distill.records import MANIFEST, invalidate_manifest, read_json, write_json_atomic, write_manifest
 from cot_distill.train.masking import (
     IGNORE,
     TrainError,
@@ -54,6 +54,7 @@ from cot_distill.train.setup import (
     tune_cpu_allocator,
     wants_allocator_tuning,
 )
+from cot_distill.train.student_init import LAYER_SCORES
 from cot_distill.train.trainer import DistillSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,9 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
                  "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
                  "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size,
                  "inputs_fingerprint": fingerprint["digest"]}
+        layer_scores = Path(student_path) / LAYER_SCORES
+        if cfg.init_from is not None and layer_scores.exists():  # keep: auto: the layers kept, and why
+            extra["layer_choice"] = read_json(layer_scores)
         if cfg.method == "kd":  # sft manifests keep their keys
             extra.update(method="kd", teacher=teacher_path or cfg.kd.teacher)
         if cfg.method == "on_policy":

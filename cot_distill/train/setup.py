@@ -122,7 +122,7 @@ def prepare_student(cfg: TrainSection, sft_args: SFTConfig) -> str:
     from cot_distill.train.student_init import ensure_student_init, student_init_dir
 
     with sft_args.main_process_first(local=False, desc="student init"):
-        return str(ensure_student_init(cfg.init_from, student_init_dir(cfg.output_dir)))
+        return str(ensure_student_init(cfg.init_from, student_init_dir(cfg.output_dir), cfg.dataset))
 
 
 def load_student(cfg: TrainSection, path: str):

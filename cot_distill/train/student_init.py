@@ -101,16 +101,26 @@ def _skip_random_init():
 
 
 def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_layers: list[int] | None = None,
-                              every: int | None = None) -> Path:
+                              every: int | None = None, auto=None, dataset: str | None = None) -> Path:
     """Load the teacher, build the layer-subset student and save it (weights, config, generation_config and the
-    teacher's tokenizer when it has one) to output_dir. Returns output_dir."""
+    teacher's tokenizer when it has one) to output_dir. `auto`: an InitFrom with keep: auto, whose layers are
+    chosen by score on `dataset`'s first rows (LAYER_SCORES in output_dir records the choice). Returns
+    output_dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output_dir = Path(output_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
-    kept = resolve_kept_layers(teacher.config.get_text_config().num_hidden_layers, keep_layers, every)
+    choice = None
+    if auto is not None:
+        choice = measured_choice(teacher, AutoTokenizer.from_pretrained(teacher_path), auto, dataset)
+        kept = choice["kept_layers"]
+    else:
+        kept = resolve_kept_layers(teacher.config.get_text_config().num_hidden_layers, keep_layers, every)
     student = build_student_from_teacher(teacher, kept)
     student.config.student_init = {"teacher": str(teacher_path), "kept_layers": kept}
+    if choice is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / LAYER_SCORES).write_text(json.dumps(choice, indent=1) + "\n")
     student.save_pretrained(output_dir)
     try:
         AutoTokenizer.from_pretrained(teacher_path).save_pretrained(output_dir)
@@ -120,6 +130,26 @@ def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_la
 
 
 INIT_RECORD = "init_from.json"
+LAYER_SCORES = "layer_scores.json"  # keep: auto: the score of every teacher layer and the layers kept
+
+
+def measured_choice(teacher, tokenizer, auto, dataset: str | None) -> dict:
+    """keep: auto's layers and the scores behind them, on the first calibration_rows rows of `dataset`."""
+    import torch
+
+    from cot_distill.train.layer_scores import calibration_batches, choose_layers, score_layers
+    from cot_distill.train.masking import TrainError, load_conversations, normalize_messages
+
+    if dataset is None:
+        raise TrainError("init_from.keep: auto scores the teacher's layers on the training data: set train.dataset "
+                         "(cot-distill run sets it to the curated data)")
+    rows = load_conversations(dataset)
+    conversations = [normalize_messages(row["messages"], "think_tags")[0]
+                     for row in rows.select(range(min(auto.calibration_rows, len(rows))))]
+    batches = calibration_batches(tokenizer, conversations, auto.calibration_max_length)
+    scores = score_layers(teacher.to(torch.float32), batches, auto.score)
+    return {"score": auto.score, "layers": auto.layers, "calibration_rows": len(conversations),
+            "scores": [round(value, 6) for value in scores], "kept_layers": choose_layers(scores, auto.layers)}
 
 
 def student_init_dir(train_output_dir: str | Path) -> Path:
@@ -127,20 +157,27 @@ def student_init_dir(train_output_dir: str | Path) -> Path:
     return Path(train_output_dir) / "student_init"
 
 
-def ensure_student_init(init, folder: str | Path) -> Path:
+def ensure_student_init(init, folder: str | Path, dataset: str | None = None) -> Path:
     """The student of `init` (a config.train.InitFrom) in `folder`: built once, and built again when the recipe's
-    init_from changed since (another teacher or other layers must not silently reuse the old student)."""
+    init_from changed since (another teacher or other layers must not silently reuse the old student). With
+    keep: auto the calibration data's content is part of that record: other data may choose other layers. A
+    caller without the data (the pipeline's before-training eval) gets the folder train built."""
     from cot_distill.assets import resolve_model_path
-    from cot_distill.records import write_json_atomic
+    from cot_distill.records import content_sha256, write_json_atomic
 
     folder = Path(folder)
     wanted = init.model_dump(mode="json")
+    if init.keep == "auto":
+        if dataset is None and (folder / INIT_RECORD).exists() and (folder / "config.json").exists():
+            return folder
+        wanted["calibration_data"] = content_sha256(dataset) if dataset is not None else None
     record = folder / INIT_RECORD
     if (folder / "config.json").exists() and record.exists() and json.loads(record.read_text()) == wanted:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     init_student_from_teacher(resolve_model_path(init.model), folder, keep_layers=init.keep_layers,
-                              every=init.every)  # offline asset names (smollm2-135m) as well as folders
+                              every=init.every, auto=init if init.keep == "auto" else None,
+                              dataset=dataset)  # offline asset names (smollm2-135m) as well as folders
     write_json_atomic(record, wanted)  # last: a half-built folder has no record and is rebuilt
     return folder
