@@ -7,6 +7,8 @@ parses only the token count. Our generator additionally renders templates, hashe
 reasoning, and writes + fsyncs one JSONL record per sample.
 
     .venv/bin/python benchmarks/generate_throughput.py [--requests 384] [--concurrency 64] [--max-tokens 96]
+    .venv/bin/python benchmarks/generate_throughput.py --logprobs 20   # both clients ask for top-20 logprobs;
+                                                                       # ours records them (logprobs.bin)
 
 Last line: RESULT generate_vs_reference=<median over rounds of ours/reference>. Each round runs both clients
 back to back, so its ratio compares two runs under the same machine load; the median of those paired ratios is
@@ -57,6 +59,7 @@ def write_recipe(folder: Path, base_url: str, prompts: Path, args: argparse.Name
             "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": args.max_tokens,
                          "extra_body": {"ignore_eos": True}},
             "progress_interval_s": 3600,
+            **({"logprobs": args.logprobs} if args.logprobs else {}),
         },
     }
     path = folder / "recipe.yaml"
@@ -97,7 +100,9 @@ def reference_bodies(prompts: Path, args: argparse.Namespace) -> list[dict]:
     for line in prompts.read_text().splitlines():
         row = json.loads(line)
         bodies.append({"model": SERVED, "messages": template.render(row["problem"]), "n": 1, "temperature": 1.0,
-                       "top_p": 1.0, "max_tokens": args.max_tokens, "ignore_eos": True})
+                       "top_p": 1.0, "max_tokens": args.max_tokens, "ignore_eos": True,
+                       **({"logprobs": True, "top_logprobs": args.logprobs, "return_tokens_as_token_ids": True}
+                          if args.logprobs else {})})
     return bodies
 
 
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--logprobs", type=int, default=0, help="top-K logprobs in every request (0: none)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +136,8 @@ def main() -> None:
                       f"cot-distill generate {ours[-1]:,.0f} tok/s | ratio {ours[-1] / reference[-1]:.3f}", flush=True)
     paired = [mine / theirs for mine, theirs in zip(ours, reference)]
     print(f"median: reference {statistics.median(reference):,.0f} tok/s, ours {statistics.median(ours):,.0f} tok/s "
-          f"({args.requests} requests x {args.max_tokens} tokens, window {args.concurrency}); paired ratios "
+          f"({args.requests} requests x {args.max_tokens} tokens, window {args.concurrency}, logprobs "
+          f"{args.logprobs}); paired ratios "
           f"{min(paired):.3f}-{max(paired):.3f}, ours ahead in {sum(r > 1 for r in paired)} of {len(paired)} rounds")
     print(f"RESULT generate_vs_reference={statistics.median(paired):.3f}")
 
