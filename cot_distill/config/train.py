@@ -44,6 +44,20 @@ class InitFrom(Strict):
                              + (f" (got {', '.join(chosen)})" if chosen else ""))
         if (self.keep is None) != (self.layers is None):
             raise ValueError("init_from.keep: auto needs `layers` (how many to keep), and `layers` needs keep: auto")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_auto_settings(self, handler) -> dict[str, Any]:
+        # Without keep: auto the section dumps as before these keys existed: the student_init record and the
+        # pipeline's fingerprints stay the same, so existing students are not rebuilt or retrained.
+        data = handler(self)
+        if self.keep is None:
+            for key in ("keep", "layers", "score", "calibration_rows", "calibration_max_length"):
+                data.pop(key, None)
+        return data
+
+    @model_validator(mode="after")
+    def _layer_indices(self) -> "InitFrom":
         if self.keep_layers is not None:
             if not self.keep_layers:
                 raise ValueError("init_from.keep_layers must not be empty")
