@@ -154,3 +154,11 @@ def test_keep_auto_settings_are_checked():
         InitFrom(model="m", keep="auto")
     with pytest.raises(ValidationError, match="exactly one of"):
         InitFrom(model="m", keep="auto", layers=2, every=3)
+
+
+def test_init_from_without_keep_auto_dumps_as_before():
+    """Existing recipes' student_init records and train fingerprints must not change with the new keys."""
+    from cot_distill.config.train import InitFrom
+
+    assert InitFrom(model="m", every=2).model_dump(mode="json") == {"model": "m", "keep_layers": None, "every": 2}
+    assert "score" in InitFrom(model="m", keep="auto", layers=3).model_dump(mode="json")
