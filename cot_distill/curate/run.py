@@ -139,7 +139,8 @@ def stream(recipe: Recipe, samples_paths: list[Path], prompts: dict[str, Prompt]
         service.attach(candidates, features)
         run.feature_wait_s += time.perf_counter() - waiting
         for candidate in apply_filters(candidates, filters, run.tallies[1:]):
-            rows.write(training_row(candidate, render(candidate.prompt), cfg.reasoning_format))
+            rows.write(training_row(candidate, render(candidate.prompt), cfg.reasoning_format,
+                                    with_logprobs=recipe.generate.logprobs is not None))
             if selector is None:
                 record_output(run, candidate.prompt, candidate.tokens)
             else:

@@ -177,6 +177,12 @@ def parse_completion(data: Any, logprobs: int | None = None) -> Completion:
     finish_reason = choice.get("finish_reason")
     # vLLM's reasoning parsers put the block in `reasoning_content` (older) or `reasoning` (newer).
     server_reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if server_reasoning is not None and logprobs:
+        # The recorded tokens are the raw completion; text re-joined from the parser's fields need not decode from
+        # them (a template that opens <think> in the prompt, a trace cut before </think>).
+        raise PermanentError("generate.logprobs records the raw completion, and this server splits the reasoning "
+                             "out (vLLM --reasoning-parser): serve the teacher without it (cot-distill splits "
+                             "<think> blocks itself)")
     if server_reasoning is not None:
         closed = bool(content) or finish_reason != "length"
         text = join_reasoning(server_reasoning, content)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import random
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -46,12 +48,20 @@ class ServedTeacherScorer:
         if served.base_url is None:
             raise TrainError("train.on_policy.served has no base_url: the recipe's teacher is served for training "
                              "by `cot-distill run`; for `cot-distill train`, give served.base_url and served.model")
-        self.served, self.workers, self.requests = served, workers, 0
+        self.served, self.workers = served, workers
+        self.requests, self._count = 0, threading.Lock()
+        self.headers = {"Content-Type": "application/json"}
+        if served.api_key_env and os.environ.get(served.api_key_env):
+            self.headers["Authorization"] = f"Bearer {os.environ[served.api_key_env]}"
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence, (ids, logprobs) arrays of shape (len(completion), K + 1), -inf where padded."""
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self.score_one, prompts, completions))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+                return list(pool.map(self.score_one, prompts, completions))
+        except TeacherUnavailable as error:
+            raise TrainError(f"the served teacher at {self.served.base_url} did not answer after retries: "
+                             f"{error}") from None
 
     def score_one(self, prompt: list[int], completion: list[int]) -> tuple[np.ndarray, np.ndarray]:
         positions = self.prompt_logprobs(prompt + completion)[len(prompt):]
@@ -69,8 +79,9 @@ class ServedTeacherScorer:
         body = {"model": self.served.model, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": self.served.top_k}
         request = urllib.request.Request(f"{self.served.base_url.rstrip('/')}/completions",
-                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        self.requests += 1
+                                         data=json.dumps(body).encode(), headers=self.headers)
+        with self._count:  # several scoring threads
+            self.requests += 1
         try:
             with urllib.request.urlopen(request, timeout=self.served.timeout_s) as response:
                 data = json.loads(response.read())
@@ -112,7 +123,9 @@ class OnPolicyTrainer(DistillationTrainer):
         if self._dataset_completions is None:
             return super()._generate(prompts)
         prompt_ids, _, _ = self._tokenize_prompts(prompts)  # the same prompt tokens generation would have used
-        return prompt_ids, self._dataset_completions, None, None, None
+        # As long as a sampled completion may be: memory and the teacher's context stay what on-policy steps need.
+        limit = self.args.max_completion_length
+        return prompt_ids, [ids[:limit] for ids in self._dataset_completions], None, None, None
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.scorer is None:
@@ -126,10 +139,15 @@ class OnPolicyTrainer(DistillationTrainer):
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["prompt_ids"], prompt_mask)]
         completions = [ids[mask].tolist() for ids, mask in zip(completion_ids, valid)]
         scored = self.scorer.score(prompts, completions)  # rows in the order hidden[valid] takes them
+        head = unwrapped_student.get_output_embeddings()
+        highest = max((int(ids.max()) for ids, _ in scored if ids.size), default=0)
+        if highest >= head.weight.shape[0]:
+            raise TrainError(f"the served teacher returned token id {highest}, beyond the student's vocabulary "
+                             f"({head.weight.shape[0]}): on_policy.served needs the student's tokenizer")
         topk_ids = torch.from_numpy(np.concatenate([ids for ids, _ in scored])).to(hidden.device)
         topk_logprobs = torch.from_numpy(np.concatenate([logprobs for _, logprobs in scored])).to(hidden.device)
         sums = chunked_sparse_distillation_sums(
-            hidden[valid], completion_ids[valid], unwrapped_student.get_output_embeddings(), topk_ids=topk_ids,
+            hidden[valid], completion_ids[valid], head, topk_ids=topk_ids,
             topk_logprobs=topk_logprobs, temperature=self.temperature, kl=self.kl, chunk_tokens=self.chunk_tokens)
         count = sums.count if num_items_in_batch is None else num_items_in_batch
         loss = sums.kl / torch.as_tensor(count).clamp(min=1)

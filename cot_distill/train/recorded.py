@@ -24,7 +24,9 @@ from cot_distill.logprob_store import LogprobStoreError, read_logprobs, read_tok
 from cot_distill.train.masking import IGNORE, TrainError
 
 LINK_COLUMN = "teacher_logprobs"  # the curated row's link (curate/rows.py)
-TEACHER_COLUMNS = ("teacher_file", "teacher_offset", "teacher_key", "teacher_row")  # in the tokenized dataset
+# In the tokenized dataset: where the row's record is, its key, the row's index, and how many of the record's
+# tokens the reply uses (fewer than recorded when a stop string's token was dropped).
+TEACHER_COLUMNS = ("teacher_file", "teacher_offset", "teacher_key", "teacher_row", "teacher_tokens")
 TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"  # in each batch, (scored positions, K)
 
 
@@ -62,10 +64,10 @@ def recorded_reply(tokenizer, row: dict[str, Any], index: int, end_of_turn: int,
             f"row {index} (prompt {row.get('prompt_id')}): the student's tokenizer decodes the teacher's recorded "
             f"tokens to other text than the trace (first difference at char {at}: {decoded[at:at + 40]!r} vs "
             f"{reply[at:at + 40]!r}). kd.teacher: recorded needs the teacher's tokenizer")
+    columns = {"teacher_file": link["file"], "teacher_offset": int(link["offset"]),
+               "teacher_key": link.get("request_key") or "", "teacher_row": index, "teacher_tokens": len(token_ids)}
     if not token_ids or token_ids[-1] != end_of_turn:
         token_ids = [*token_ids, end_of_turn]
-    columns = {"teacher_file": link["file"], "teacher_offset": int(link["offset"]),
-               "teacher_key": link.get("request_key") or "", "teacher_row": index}
     return token_ids, columns
 
 
@@ -94,12 +96,13 @@ class RecordedLogprobsCollator:
     the compact head gathers the scored positions: example by example, position by position. A position past the
     record (an appended end-of-turn) is a padding row (-inf: absent, so only its CE counts)."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, vocab_size: int):
+        self.base, self.vocab_size = base, vocab_size
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         links = [{name: example.pop(name) for name in TEACHER_COLUMNS} for example in examples]
-        rows = [self.example_rows(link, scored_count(example["labels"])) for link, example in zip(links, examples)]
+        rows = [self.example_rows(link, scored_count(example["labels"]), self.vocab_size)
+                for link, example in zip(links, examples)]
         batch = self.base(examples)
         width = max((ids.shape[1] for ids, _ in rows), default=1)
         batch[TOPK_IDS] = torch.from_numpy(np.concatenate([pad_columns(ids, width, 0) for ids, _ in rows]))
@@ -108,13 +111,16 @@ class RecordedLogprobsCollator:
         return batch
 
     @staticmethod
-    def example_rows(link: dict[str, Any], scored: int) -> tuple[np.ndarray, np.ndarray]:
+    def example_rows(link: dict[str, Any], scored: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
         file_link = {"file": link["teacher_file"], "offset": link["teacher_offset"]}
         try:
             record = read_logprobs(file_link, link["teacher_key"] or None)
         except LogprobStoreError as error:
             raise TrainError(f"row {link['teacher_row']}: {error}") from None
-        kept = min(scored, len(record.token_ids))
+        if record.topk_ids.size and int(record.topk_ids.max()) >= vocab_size:
+            raise TrainError(f"row {link['teacher_row']}: the recorded top-K ids reach {int(record.topk_ids.max())}, "
+                             f"beyond the student's vocabulary ({vocab_size}): another tokenizer")
+        kept = min(scored, int(link["teacher_tokens"]), len(record.token_ids))
         ids = np.zeros((scored, record.k), dtype=np.int64)
         logprobs = np.full((scored, record.k), -np.inf, dtype=np.float32)
         ids[:kept] = np.maximum(record.topk_ids[:kept], 0)  # padding ids (-1) are absent: never gathered

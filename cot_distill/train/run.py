@@ -111,6 +111,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     if cfg.max_examples is not None:
         conversations = conversations.select(range(min(cfg.max_examples, len(conversations))))
     callbacks = [InputsFingerprintCallback(fingerprint), *(callbacks or [])]
+    padding_side = tokenizer.padding_side  # on_policy sets it left for generation; saved as it was
     loss_head = cfg.loss_head if cfg.loss_head != "auto" else ("fused" if on_accelerator() else "compact")
     if cfg.method == "on_policy":
         train_dataset = prompts_dataset(conversations, functools.partial(
@@ -136,6 +137,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     if resume_from:
         logger.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    tokenizer.padding_side = padding_side  # on_policy generation pads prompts left; the saved tokenizer keeps its own
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled  # these save in their own (16-bit) format
     if cfg.lora is None and save_dtype is not None and not sharded:
         trainer.accelerator.unwrap_model(trainer.model).to(save_dtype)  # training is over: master weights served
@@ -187,7 +189,7 @@ def on_policy_trainer(cfg: TrainSection, model, teacher, args, train_dataset, to
     generation needs."""
     on_policy = cfg.on_policy
     scorer = ServedTeacherScorer(on_policy.served) if on_policy.served is not None else None
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # restored once training is over (run_train)
     return OnPolicyTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train_dataset,
                            processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
                            share=on_policy.share, scorer=scorer, kl=on_policy.kl, chunk_tokens=on_policy.chunk_tokens)

@@ -81,7 +81,8 @@ class DistillSFTTrainer(SFTTrainer):
             self.loss_head, self.teacher = "compact", self._place_teacher(teacher)
         if self.recorded:
             self._check_distillation_supported(None)
-            self.loss_head, self.data_collator = "compact", RecordedLogprobsCollator(self.data_collator)
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self.loss_head, self.data_collator = "compact", RecordedLogprobsCollator(self.data_collator, vocab_size)
         if token_metrics:
             return
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -128,7 +129,7 @@ class DistillSFTTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.recorded and self._signature_columns is not None:  # the collator needs each row's record link
-            self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is not None or self.recorded:
