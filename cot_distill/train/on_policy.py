@@ -35,8 +35,8 @@ from cot_distill.kd import chunked_sparse_distillation_sums
 from cot_distill.train.masking import TrainError
 
 
-class TeacherUnavailable(Exception):
-    """A transient failure to reach the served teacher (retried)."""
+class TeacherUnavailable(TrainError):
+    """A transient failure to reach the served teacher (retried; a TrainError once retries run out)."""
 
 
 class ServedTeacherScorer:
