@@ -61,12 +61,9 @@ def tune_cpu_allocator() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-def build_sft_config(cfg: TrainSection) -> SFTConfig:
-    """cfg.sft plus the settings this tool owns. CPU defaults, each only when `sft` leaves it unset: bf16
-    autocast over float32 weights (1.6x tokens/s here), and no gradient checkpointing (its recompute costs ~1/3 more
-    compute, and CPU RAM is rarely what limits a CPU-sized student). Padding stays the CPU default: padding-free
-    batches need a block-diagonal mask over the whole concatenation on CPU (no varlen kernel), measured no faster
-    with a 151k vocabulary and slower for backbone-heavy students; on GPU with flash-attention it is a win."""
+def trainer_args(cfg: TrainSection) -> dict[str, Any]:
+    """cfg.sft as keyword arguments for TRL's config (SFTConfig or DistillationConfig), with the output folder and
+    the CPU defaults, each only where `sft` leaves it unset (see build_sft_config for why)."""
     args = {key: value for key, value in cfg.sft.items() if key != "model_init_kwargs"}
     args["output_dir"] = cfg.output_dir
     args.setdefault("report_to", "none")
@@ -76,6 +73,16 @@ def build_sft_config(cfg: TrainSection) -> SFTConfig:
         if "bf16" not in args and "fp16" not in args:
             autocast = cfg.bf16_autocast_on_cpu
             args["bf16"] = cpu_has_native_bf16() if autocast == "auto" else autocast
+    return args
+
+
+def build_sft_config(cfg: TrainSection) -> SFTConfig:
+    """cfg.sft plus the settings this tool owns. CPU defaults, each only when `sft` leaves it unset: bf16
+    autocast over float32 weights (1.6x tokens/s here), and no gradient checkpointing (its recompute costs ~1/3 more
+    compute, and CPU RAM is rarely what limits a CPU-sized student). Padding stays the CPU default: padding-free
+    batches need a block-diagonal mask over the whole concatenation on CPU (no varlen kernel), measured no faster
+    with a 151k vocabulary and slower for backbone-heavy students; on GPU with flash-attention it is a win."""
+    args = trainer_args(cfg)
     if args.get("padding_free") and not args.get("packing"):
         args["max_length"] = None  # enforced during our tokenization; TRL refuses padding-free with a max_length
     return SFTConfig(**args)
@@ -99,16 +106,9 @@ def build_distillation_config(cfg: TrainSection):
         raise TrainError(f"method: on_policy trains with trl.DistillationConfig, which has no {given}: remove them "
                          f"from train.sft (on_policy.max_completion_length bounds what the student samples)")
     on_policy = cfg.on_policy
-    args = {key: value for key, value in cfg.sft.items() if key != "model_init_kwargs"}
-    args.update(output_dir=cfg.output_dir, beta=on_policy.beta, temperature=on_policy.temperature,
+    args = trainer_args(cfg)
+    args.update(beta=on_policy.beta, temperature=on_policy.temperature,
                 max_completion_length=on_policy.max_completion_length)
-    args.setdefault("report_to", "none")
-    if not on_accelerator():
-        args.setdefault("use_cpu", True)
-        args.setdefault("gradient_checkpointing", False)
-        if "bf16" not in args and "fp16" not in args:
-            autocast = cfg.bf16_autocast_on_cpu
-            args["bf16"] = cpu_has_native_bf16() if autocast == "auto" else autocast
     try:
         return DistillationConfig(**args)
     except TypeError as error:
