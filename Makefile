@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The main job: teacher -> traces -> curated data -> 20-layer student -> eval of all three -> runs/demo/report.json.
+# The main job: teacher -> traces -> curated data -> 20-layer student -> int8 student -> eval of all four -> runs/demo/report.json.
 demo: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml
 
@@ -39,7 +39,7 @@ demo-kd: setup
 # (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records
 # (student_kd_recorded; no teacher in memory), and for demo-opd also on-policy steps on the sft student, scored by
 # the served teacher (student_opd). Each target reuses every finished stage of the other.
-DEMO_RECORDED := --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
+DEMO_RECORDED := --set quantize=null --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
 	--set curate.output_dir=runs/demo-recorded/curate --set train.output_dir=runs/demo-recorded/train \
 	--set eval.output_dir=runs/demo-recorded/eval --set report=runs/demo-recorded/report.json
 KD_ABLATIONS := kd: {method: kd, output_dir: runs/demo-recorded/train-kd}, \

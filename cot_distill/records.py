@@ -50,7 +50,7 @@ class Sample(BaseModel):
     prompt_id: str
     sample_idx: int
     request_key: str
-    teacher: str
+    teacher: str  # the served model name (or in-process model path)
     params: dict[str, Any]
     template_hash: str
     reasoning: str | None
@@ -68,6 +68,8 @@ class Sample(BaseModel):
     # With generate.logprobs: where the teacher's recorded top-K log-probabilities of this sample are
     # ({file, offset, bytes, tokens, k}: logprob_store.py).
     logprobs: dict[str, Any] | None = None
+    # With `teachers:` (several teachers), the entry's name; None for the one-teacher form.
+    teacher_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ def reduced_demo_overrides(out) -> list[str]:
         "train.output_dir": out / "train",
         "train.sft.max_steps": 3,
         "train.sft.per_device_train_batch_size": 4,
+        "quantize.calibration_rows": 4,
+        "quantize.max_seq_length": 128,
         "eval.output_dir": out / "eval",
         "eval.limit": 6,                        # of 100 held-out problems
         "eval.samples": 1,
@@ -47,19 +49,20 @@ def test_demo_recipe_runs_every_stage_on_the_real_teacher(tmp_path):
                      timeout=DEMO_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    for stage in ("generate", "curate", "train", "eval/teacher", "eval/student_before", "eval/student_after",
-                  "eval/compare"):
+    for stage in ("generate", "curate", "train", "train-quantized", "eval/teacher", "eval/student_before",
+                  "eval/student_after", "eval/student_quantized", "eval/compare"):
         assert read_manifest(out / stage) is not None, f"{stage} has no manifest"
     for artifact in ("curate/dataset", "curate/train.jsonl", "curate/report.json", "train/model.safetensors",
                      "eval/compare/report.md", "eval/compare/report.png"):
         assert (out / artifact).exists(), f"{artifact} is missing"
 
     report = read_json(out / "report.json")
-    for key in ("teacher", "student_before", "student_after"):
+    for key in ("teacher", "student_before", "student_after", "student_quantized"):
         assert 0.0 <= report[key]["pass@1"] <= 1.0
     assert report["teacher_layers"] == 30 and report["student_layers"] == 20
     assert report["student_params"] < report["teacher_params"]
     assert report["wall_seconds"] > 0
+    assert report["quantized"]["scheme"] == "w8a8-int8" and report["quantized"]["size_on_disk_ratio"] < 1
     assert read_manifest(out / "train")["counts"]["global_step"] == 3
     assert read_json(out / "curate" / "report.json")["output"]["rows"] >= 1
     assert "student_after" in (out / "eval" / "compare" / "report.md").read_text()

@@ -22,6 +22,7 @@ from cot_distill.config.generate import (
                                          LaunchSection,
                                          RateLimitSection,
                                          SamplingSection,
+                                         TeacherEntry,
                                          TeacherSection,
                                          UntilVerifiedSection,
 )
@@ -34,6 +35,6 @@ __all__ = [
     "BudgetSection", "CorrectnessFilter", "CurateSection", "DataSection", "EvalError", "EvalSection", "FieldMap", "GenerateSection", "InitFrom",
     "KDSection", "LaunchSection", "LocalBenchmark", "LoraSection", "PushSection", "QuantizeSection", "RateLimitSection", "Recipe", "RecipeError",
     "SamplingSection",
-    "Strict", "TeacherSection", "TrainSection", "UntilVerifiedSection", "apply_override", "eval_settings", "load_recipe",
+    "Strict", "TeacherEntry", "TeacherSection", "TrainSection", "UntilVerifiedSection", "apply_override", "eval_settings", "load_recipe",
     "recipe_snapshot",
 ]

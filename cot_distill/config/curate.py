@@ -11,13 +11,21 @@ Only pydantic here, so a recipe validates in milliseconds. Every filter can be s
       near_dup: {threshold: 0.9}
       decontaminate: {extra: [{name: my_eval, path: data/my_eval.jsonl, field: question}]}
       select: {strategy: shortest, k: 2}                       # or just `select: all`
+
+With several teachers (`teachers:`), `select.across_teachers` says whose survivors a prompt's rows come from
+(strategy and k then apply to those survivors); any form but `all` needs `teachers:`:
+
+      select: {across_teachers: all}                  # default: every teacher's survivors pooled
+      select: {across_teachers: shortest_verified}    # per prompt, the teacher with the shortest survivor
+      select: {across_teachers: {prefer: [a, b]}}     # per prompt, the first listed teacher with a survivor
+      select: {across_teachers: {quota: {a: 0.7, b: 0.3}}}   # shares of the kept rows
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from cot_distill.config.base import Strict
 
@@ -94,12 +102,64 @@ class Decontaminate(Strict):
     min_coverage: float = Field(default=0.0, ge=0, le=1)  # see cot_distill/decontam.py
 
 
+class PreferTeachers(Strict):
+    """Per prompt, the first teacher of this list that has a survivor; teachers not listed are never used."""
+
+    prefer: list[str] = Field(min_length=1)
+
+
+class TeacherQuota(Strict):
+    """Shares of the kept rows by teacher. Each prompt goes to one listed teacher with survivors: prompts are taken
+    in a seeded hash order (select.seed; never file order), each given to the teacher furthest below its share so
+    far (fewest rows per unit of share; ties by the order of `teachers:`). Teachers not listed are never used."""
+
+    quota: dict[str, float] = Field(min_length=1)
+
+    @field_validator("quota")
+    @classmethod
+    def shares_sum_to_one(cls, quota: dict[str, float]) -> dict[str, float]:
+        if any(share <= 0 for share in quota.values()):
+            raise ValueError(f"every share must be above 0 (leave a teacher out instead), got {quota}")
+        if abs(sum(quota.values()) - 1) > 1e-6:
+            raise ValueError(f"the shares must sum to 1, got {sum(quota.values()):g}")
+        return quota
+
+
+def _across_form(value: Any) -> str | None:
+    """Which form of across_teachers a value is, so an error names that form's problem and not every form's."""
+    if isinstance(value, (str, PreferTeachers, TeacherQuota)):
+        return "quota" if isinstance(value, TeacherQuota) else "prefer" if isinstance(value, PreferTeachers) else "name"
+    return next((form for form in ("prefer", "quota") if isinstance(value, dict) and form in value), None)
+
+
+AcrossTeachers = Annotated[
+    Annotated[Literal["all", "shortest_verified"], Tag("name")] | Annotated[PreferTeachers, Tag("prefer")]
+    | Annotated[TeacherQuota, Tag("quota")],
+    Discriminator(_across_form, custom_error_type="across_teachers",
+                  custom_error_message="expected all, shortest_verified, {prefer: [names]} or {quota: {name: share}}")]
+
+
 class Select(Strict):
-    """Per prompt, after all filters: keep all survivors, or the k shortest (by tokens), or k seeded-random."""
+    """Per prompt, after all filters: keep all survivors, or the k shortest (by tokens), or k seeded-random.
+    across_teachers (several teachers): `all` pools every teacher's survivors; `shortest_verified` keeps only the
+    teacher whose shortest survivor (verified and through every filter) is the shortest, ties by the order of
+    `teachers:`; `{prefer: [...]}` and `{quota: {...}}` as above. strategy and k then apply to that teacher's
+    survivors."""
 
     strategy: Literal["all", "shortest", "random"] = "all"
     k: int | None = Field(default=None, ge=1)  # shortest/random: default 1; all: an optional cap (lowest sample_idx)
     seed: int = 0
+    across_teachers: AcrossTeachers = "all"
+
+    def across_form(self) -> str:
+        """all, shortest_verified, prefer or quota."""
+        across = self.across_teachers
+        return across if isinstance(across, str) else "prefer" if isinstance(across, PreferTeachers) else "quota"
+
+    def teacher_names(self) -> list[str]:
+        """The teachers across_teachers names (prefer, quota), for the recipe to check against `teachers:`."""
+        across = self.across_teachers
+        return [] if isinstance(across, str) else list(getattr(across, self.across_form()))
 
 
 class CurateSection(Strict):
@@ -130,3 +190,10 @@ class CurateSection(Strict):
         if isinstance(data, dict) and isinstance(data.get("select"), str):
             data = {**data, "select": {"strategy": data["select"]}}
         return data
+
+    @model_validator(mode="after")
+    def _shortest_verified_needs_grading(self) -> CurateSection:
+        if self.select.across_teachers == "shortest_verified" and not self.correctness.enabled:
+            raise ValueError("select.across_teachers: shortest_verified compares verified traces: it needs "
+                             "curate.correctness enabled")
+        return self

@@ -32,6 +32,9 @@ class LaunchSection(Strict):
 
 
 class TeacherSection(Strict):
+    # Set for each entry of `teachers:` (and then part of every request key and in each record as teacher_name);
+    # None for the one-teacher form, whose keys stay as they were.
+    name: str | None = None
     backend: Literal["openai", "vllm"] = "openai"
     model: str  # the served model name (openai) or a model path / hub id (vllm in-process)
     base_urls: list[str] = ["http://127.0.0.1:8000/v1"]
@@ -176,3 +179,32 @@ class GenerateSection(Strict):
             raise ValueError(f"samples_per_prompt ({given}) differs from until_verified.max_samples ({cap}): with "
                              f"until_verified, max_samples is the cap per prompt; drop samples_per_prompt")
         return {**data, "samples_per_prompt": cap}
+
+
+# What a `teachers:` entry may set beside its TeacherSection: its own generate settings.
+TEACHER_GENERATE_KEYS = ("sampling", "samples_per_prompt", "until_verified")
+
+
+class TeacherEntry(TeacherSection):
+    """One of several teachers (`teachers:`): a TeacherSection with a required name and, optionally, its own
+    sampling, samples_per_prompt and until_verified (the generate section's otherwise)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    sampling: SamplingSection | None = None
+    samples_per_prompt: int | None = Field(default=None, ge=1)
+    until_verified: UntilVerifiedSection | None = None
+
+    def section(self) -> TeacherSection:
+        """The teacher alone, without its generate settings."""
+        return TeacherSection.model_validate(self.model_dump(exclude=set(TEACHER_GENERATE_KEYS)))
+
+    def generate_section(self, gen: GenerateSection) -> GenerateSection:
+        """The recipe's generate section with this teacher's own settings in place of the shared ones."""
+        own = {key: getattr(self, key) for key in TEACHER_GENERATE_KEYS if getattr(self, key) is not None}
+        if "until_verified" in own and "samples_per_prompt" not in own:
+            own["samples_per_prompt"] = own["until_verified"].max_samples
+        merged = {**gen.model_dump(exclude_unset=True), **{key: value.model_dump() if hasattr(value, "model_dump")
+                                                            else value for key, value in own.items()}}
+        if "samples_per_prompt" in own and "until_verified" not in own:
+            merged.pop("until_verified", None)
+        return GenerateSection.model_validate(merged)

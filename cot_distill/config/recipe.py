@@ -17,7 +17,13 @@ from pydantic import ValidationError, model_validator
 from cot_distill.config.base import RecipeError, Strict, apply_override, format_errors, key_lines
 from cot_distill.config.curate import CurateSection
 from cot_distill.config.eval import EvalSection
-from cot_distill.config.generate import DataSection, GenerateSection, TeacherSection
+from cot_distill.config.generate import (
+    TEACHER_GENERATE_KEYS,
+    DataSection,
+    GenerateSection,
+    TeacherEntry,
+    TeacherSection,
+)
 from cot_distill.config.push import PushSection
 from cot_distill.config.quantize import QuantizeSection
 from cot_distill.config.train import TrainSection
@@ -25,7 +31,11 @@ from cot_distill.config.train import TrainSection
 
 class Recipe(Strict):
     name: str = "cot-distill"
+    # One teacher, or several (`teachers:`, each with a name): generate samples every prompt from each of them into
+    # one ledger, and curate chooses across them (curate.select.across_teachers). With `teachers:`, `teacher` is
+    # filled in as the first of them: the one eval and the logit methods use unless told otherwise.
     teacher: TeacherSection
+    teachers: list[TeacherEntry] = []
     data: DataSection
     generate: GenerateSection = GenerateSection()
     curate: CurateSection = CurateSection()
@@ -39,11 +49,53 @@ class Recipe(Strict):
     report: str | None = None  # where `cot-distill run` writes report.json; None: next to eval.output_dir
     push: PushSection = PushSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_of_teachers(cls, data: Any) -> Any:
+        """`teachers: [...]` without `teacher:`: the first entry is also `teacher` (a dumped recipe holds both)."""
+        if not isinstance(data, dict) or not data.get("teachers"):
+            return data
+        entries = data["teachers"]
+        if not isinstance(entries, list) or not isinstance(entries[0], (dict, TeacherEntry)):
+            return data  # the field's own validation says what is wrong
+        first = entries[0].model_dump() if isinstance(entries[0], TeacherEntry) else entries[0]
+        derived = {key: value for key, value in first.items() if key not in TEACHER_GENERATE_KEYS}
+        given = data.get("teacher")
+        if given is not None and TeacherSection.model_validate(given) != TeacherSection.model_validate(derived):
+            raise ValueError("set `teacher:` (one teacher) or `teachers:` (several, each with a name), not both")
+        return {**data, "teacher": derived}
+
     @model_validator(mode="after")
     def _backend_needs(self) -> "Recipe":
-        if self.teacher.backend == "openai" and not self.teacher.base_urls:
-            raise ValueError("teacher.base_urls must list at least one endpoint for the openai backend")
+        for index, teacher in enumerate(self.teachers or [self.teacher]):
+            where = f"teachers.{index}" if self.teachers else "teacher"
+            if teacher.backend == "openai" and not teacher.base_urls:
+                raise ValueError(f"{where}.base_urls must list at least one endpoint for the openai backend")
+        names = [teacher.name for teacher in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers: each needs a name of its own (got {names})")
         return self
+
+    @model_validator(mode="after")
+    def _curate_knows_the_teachers(self) -> "Recipe":
+        """curate.select.across_teachers chooses among `teachers:` by name: a typo would silently drop a teacher."""
+        form = self.curate.select.across_form()
+        if form == "all":
+            return self
+        where = f"curate.select.across_teachers.{form}"
+        if not self.teachers:
+            raise ValueError(f"{where}: choosing across teachers needs several, listed under `teachers:`")
+        names = [teacher.name for teacher in self.teachers]
+        unknown = [name for name in self.curate.select.teacher_names() if name not in names]
+        if unknown:
+            raise ValueError(f"{where}: no teacher named {', '.join(map(repr, unknown))} (teachers: {names})")
+        return self
+
+    def teacher_jobs(self) -> list[tuple[TeacherSection, GenerateSection]]:
+        """What generate runs, in order: each teacher with its generate settings (its own where it sets them)."""
+        if not self.teachers:
+            return [(self.teacher, self.generate)]
+        return [(entry.section(), entry.generate_section(self.generate)) for entry in self.teachers]
 
     @model_validator(mode="after")
     def _ablations_are_trainable(self) -> "Recipe":

@@ -230,6 +230,22 @@ def comparison_rows(runs: dict[str, dict[str, Any]], reference: str,
     return rows
 
 
+def retention_between(student: Path, reference: Path) -> dict[str, dict[str, Any]]:
+    """Per benchmark both folders evaluated: the student's retention of the reference's pass@1 (a ratio) with its
+    standard error and the method that gave it, as compare computes them for its table."""
+    runs = {"student": load_results(student), "reference": load_results(reference)}
+    scores = {"student": load_problem_scores(student, runs["student"]),
+              "reference": load_problem_scores(reference, runs["reference"])}
+    rows = comparison_rows(runs, "reference", scores)
+
+    def ratio(percent: float | None) -> float | None:
+        return None if percent is None else round(percent / 100, 4)
+
+    return {row["benchmark"]: {"retention": ratio(row["retention_percent"]), "se": ratio(row["retention_se_percent"]),
+                               "method": row["retention_se_method"]}
+            for row in rows if row["model"] == "student" and row["benchmark"] in runs["reference"]["benchmarks"]}
+
+
 def comparison_markdown(rows: list[dict[str, Any]], reference: str) -> str:
     header = ["benchmark", "model", "pass@1", "maj@K", "retention", "tokens/answer", "truncated",
               "latency p50 / p95 (s)", "tok/s", "single request p50 / p95 (s)", "single tok/s",

@@ -21,18 +21,39 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+# compressed-tensors (cot-distill quantize) stores each quantized weight with scales, zero points and its shape,
+# and 4-bit weights packed eight to an int32: those are not parameters of the model.
+QUANTIZATION_TENSORS = ("_scale", "_zero_point", "_shape", "_g_idx")
+
 
 def count_parameters(model_dir: Path) -> int | None:
     """Parameters stored in the folder's safetensors files, read from their headers (no weights loaded).
-    Tied embeddings are stored once, so they count once."""
+    Tied embeddings are stored once, so they count once. A compressed-tensors folder counts its weights as the
+    model has them (a packed int32 holds 32/num_bits of them), not its quantization scales."""
     total = 0
     files = sorted(model_dir.glob("*.safetensors"))
+    per_packed = 32 // packed_bits(model_dir)
     for path in files:
         with open(path, "rb") as handle:
             header_size = struct.unpack("<Q", handle.read(8))[0]
             header = json.loads(handle.read(header_size))
-        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+        for name, entry in header.items():
+            if name == "__metadata__" or name.endswith(QUANTIZATION_TENSORS):
+                continue
+            total += math.prod(entry["shape"]) * (per_packed if name.endswith("weight_packed") else 1)
     return total if files else None
+
+
+def packed_bits(model_dir: Path) -> int:
+    """The weight bits of a compressed-tensors pack-quantized folder (4 for w4a16), or 32 (nothing packed)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return 32
+    if config.get("format") != "pack-quantized":
+        return 32
+    bits = {group.get("weights", {}).get("num_bits") for group in config.get("config_groups", {}).values()}
+    return bits.pop() if len(bits) == 1 and None not in bits else 32
 
 
 def count_layers(model_dir: Path) -> int | None:

@@ -37,8 +37,9 @@ class LedgerScan:
 
 
 def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str,
-                params_by_index: list[dict[str, Any]]) -> LedgerScan:
-    """One pass over samples.jsonl (after repairing a torn last line)."""
+                params_by_index: list[dict[str, Any]], teacher_name: str | None = None) -> LedgerScan:
+    """One pass over samples.jsonl (after repairing a torn last line). `teacher_name`: this job's teacher among
+    several (`teachers:`); the others' samples are theirs, not samples of other weights."""
     scan = LedgerScan()
     if not samples_path.exists():
         return scan
@@ -49,6 +50,8 @@ def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str
         usage = obj.get("usage") or {}
         scan.prompt_tokens += usage.get("prompt_tokens", 0)
         scan.completion_tokens += usage.get("completion_tokens", 0)
+        if obj.get("teacher_name") != teacher_name:
+            continue
         made_by = made_by_other_weights(obj, identity, template_hash, params_by_index)
         if made_by is not False:
             scan.other_weights[made_by] += 1
@@ -93,7 +96,8 @@ def made_by_other_weights(obj: dict[str, Any], identity: dict[str, Any], templat
 
 def make_sample(request: SampleRequest, completion: Completion, teacher: str, template_hash: str,
                 latency_s: float, attempts: int, endpoint: str | None,
-                teacher_identity: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> Sample:
+                teacher_identity: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None,
+                teacher_name: str | None = None) -> Sample:
     return Sample(
         prompt_id=request.prompt_id,
         sample_idx=request.sample_idx,
@@ -113,6 +117,7 @@ def make_sample(request: SampleRequest, completion: Completion, teacher: str, te
         teacher_identity=teacher_identity or None,
         created_at=utc_now(),
         logprobs=logprobs,
+        teacher_name=teacher_name,
     )
 
 

@@ -38,8 +38,9 @@ def request_key(messages: list[dict[str, str]], teacher: TeacherSection, params:
 
 class KeyMaker:
     """Request keys: stable_hash of {messages, model, backend, engine_kwargs (in-process only), params,
-    template_hash, sample_idx}, then stable_hash of {request: that key, teacher_identity} when the identity is not
-    empty (tests check both against stable_hash itself). Built from JSON pieces serialised once per job or once
+    template_hash, sample_idx}, then stable_hash of {request: that key, teacher_name} for a named teacher (an entry
+    of `teachers:`), then stable_hash of {request: that key, teacher_identity} when the identity is not empty
+    (tests check each against stable_hash itself). Built from JSON pieces serialised once per job or once
     per prompt instead of once per request. A 1M-prompt job computes its keys in seconds, not minutes:
     what a resume over a big ledger waits for before its first new request."""
 
@@ -51,6 +52,7 @@ class KeyMaker:
         self.model = f',"model":{canonical_json(teacher.model)},"params":'
         self.tail = f',"template_hash":{canonical_json(template_hash)}}}'
         self.identity = canonical_json(identity) if identity else None
+        self.name = canonical_json(teacher.name) if teacher.name is not None else None
         self._params_json: tuple[int, str] | None = None
 
     def prompt_prefix(self, messages: list[dict[str, str]]) -> str:
@@ -59,6 +61,9 @@ class KeyMaker:
     def key(self, prefix: str, params: dict[str, Any], sample_idx: int) -> str:
         blob = f'{prefix}{self.params_json(params)},"sample_idx":{sample_idx}{self.tail}'
         key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        if self.name is not None:
+            named = f'{{"request":"{key}","teacher_name":{self.name}}}'
+            key = hashlib.sha256(named.encode("utf-8")).hexdigest()
         if self.identity is None:
             return key
         outer = f'{{"request":"{key}","teacher_identity":{self.identity}}}'

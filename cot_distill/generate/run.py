@@ -73,19 +73,52 @@ def run_generate(recipe: Recipe, server=None, slot=None) -> dict[str, Any]:
     # A pass over every row first: a bad row fails here, before any request is sent. The prompts are then read
     # again as the job streams, never held all at once.
     prompts = PromptStream(recipe.data, keep)
+    out_dir = Path(gen.output_dir) if shard is None else shard_folder(gen.output_dir, *shard)
     if shard is not None:
-        gen = gen.model_copy(update={"output_dir": str(shard_folder(gen.output_dir, *shard))})
         print(f"[generate] shard {shard[0]} of {shard[1]} (prompt ids by hash): {len(prompts)} prompts",
               file=sys.stderr)
-    return generate_samples(prompts, recipe.teacher, gen, snapshot=recipe_snapshot(recipe),
-                            server=server, slot=slot, grading=recipe.curate.correctness)
+    jobs = [(teacher, teacher_gen.model_copy(update={"output_dir": str(out_dir)}))
+            for teacher, teacher_gen in recipe.teacher_jobs()]
+    if not recipe.teachers:
+        return generate_samples(prompts, jobs[0][0], jobs[0][1], snapshot=recipe_snapshot(recipe),
+                                server=server, slot=slot, grading=recipe.curate.correctness)
+    return generate_each_teacher(recipe, prompts, jobs, out_dir, slot)
+
+
+def generate_each_teacher(recipe: Recipe, prompts: PromptStream, jobs: list[tuple[TeacherSection, GenerateSection]],
+                          out_dir: Path, slot=None) -> dict[str, Any]:
+    """`teachers:`: each teacher's job in turn into the one ledger (their keys differ by teacher name), launched
+    servers one after another in the slot; then one stats.json and one manifest for all of them. A teacher that
+    cannot finish stops the run without a manifest; a rerun skips what every teacher has written already."""
+    invalidate_manifest(out_dir)
+    by_teacher: dict[str, dict[str, Any]] = {}
+    for teacher, gen in jobs:
+        print(f"[generate] teacher {teacher.name} ({teacher.model}): {gen.samples_per_prompt} samples per prompt",
+              file=sys.stderr)
+        by_teacher[teacher.name] = generate_samples(prompts, teacher, gen, snapshot={}, slot=slot,
+                                                    grading=recipe.curate.correctness, finish=False)
+    totals = {name: sum(stats[name] for stats in by_teacher.values())
+              for name in ("samples_done", "samples_this_run", "samples_failed_permanently",
+                           "completion_tokens_this_run")}
+    stats = {"prompts": len(prompts), **totals, "teachers": by_teacher}
+    write_json_atomic(out_dir / STATS_FILE, stats)
+    files = [SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if (out_dir / LOGPROBS_FILE).exists() else [])]
+    write_manifest(out_dir, stage="generate", recipe=recipe_snapshot(recipe),
+                   counts={"prompts": len(prompts), "samples": totals["samples_done"],
+                           "failed_permanently": totals["samples_failed_permanently"],
+                           "teachers": {name: teacher_stats["samples_done"]
+                                        for name, teacher_stats in by_teacher.items()}},
+                   files=files,
+                   extra={"teacher_identity": {name: teacher_stats["teacher_identity"]
+                                               for name, teacher_stats in by_teacher.items()}})
+    return stats
 
 
 def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherSection, gen: GenerateSection, *,
                      snapshot: dict[str, Any], server=None, slot=None,
                      requests: list[SampleRequest] | None = None,
                      identity: dict[str, Any] | None = None,
-                     grading: CorrectnessFilter | None = None) -> dict[str, Any]:
+                     grading: CorrectnessFilter | None = None, finish: bool = True) -> dict[str, Any]:
     """Linear: plan requests -> resume from the ledger -> run the backend -> stats -> manifest.
 
     Requests are made as the window asks for them (RequestPlan), and those the ledger already has are skipped as
@@ -95,7 +128,8 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     of our own that is stopped at the end. `requests` and `identity`: this job's requests and the teacher identity
     they were planned with, when the caller planned them already (plan_requests over the same prompts, template,
     teacher and section). `grading`: how generate.until_verified grades (curate's correctness settings; their
-    defaults when None). Returns the stats dict. Raises GenerateError when requests remain failed (rerun to
+    defaults when None). `finish`: write the manifest (False: one teacher's part of a job whose caller writes it,
+    and stats.json, for every teacher). Returns the stats dict. Raises GenerateError when requests remain failed (rerun to
     retry them) or permanent failures exceed generate.max_failed_fraction."""
     out_dir = Path(gen.output_dir)
     template = load_template(gen.prompt_template)
@@ -108,7 +142,8 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     samples_path = out_dir / SAMPLES_FILE
     total = len(requests)
     scan = scan_ledger(samples_path, identity, template.hash,
-                       [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)])
+                       [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)],
+                       teacher.name)
     ledger = scan.keys
     say_what_other_weights_made(samples_path, identity, scan)
     progress = Progress(total, 0, gen.progress_interval_s)
@@ -179,8 +214,10 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
         counts.update({name: stats["until_verified"][name] for name in ("prompts_solved", "prompts_exhausted")})
     if budget is not None:
         stats["budget"] = budget.stats()
-    write_json_atomic(out_dir / STATS_FILE, stats)
+    write_json_atomic(out_dir / STATS_FILE, stats)  # with finish=False: this teacher's, replaced at the end
     check_complete(stats, rejected_limit, gen, out_dir, stopped, budget)
+    if not finish:
+        return stats
     write_manifest(out_dir, stage="generate", recipe=snapshot, counts=counts,
                    files=[SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if gen.logprobs else [])],
                    extra={"permanent_failure_reasons": stats["permanent_failure_reasons"],
@@ -368,7 +405,7 @@ def run_backend(teacher: TeacherSection, gen: GenerateSection, queue: RequestQue
     def on_sample(request: SampleRequest, completion, latency_s: float, attempts: int, endpoint) -> None:
         link = store.append(request.key, completion.logprobs) if store is not None else None
         sample = make_sample(request, completion, teacher.model, template_hash, latency_s, attempts, endpoint,
-                             identity, link)
+                             identity, link, teacher.name)
         samples.write(sample)
         progress.record_sample(completion)
         if verdicts is not None:
