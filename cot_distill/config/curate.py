@@ -165,7 +165,8 @@ class Select(Strict):
 class CurateSection(Strict):
     output_dir: str = "runs/curate"
     allow_incomplete: bool = False  # curate a generate folder without manifest.json (a run still in progress)
-    only_current_samples: bool = True  # drop samples of another teacher, prompt template or sampling parameters
+    # drop samples of another teacher, prompt template or sampling parameters (each of `teachers:` with its own)
+    only_current_samples: bool = True
     batch_size: int = Field(default=2048, ge=1)
     # Processes for the per-text work (word hashes, loop check, digests, MinHash, decontamination), a batch ahead
     # of the main process. 0: all in the main process; None: CPU count - 1 (at most 3), or 0 for inputs under 64 MB.

@@ -26,7 +26,7 @@ from cot_distill.config.generate import (
 )
 from cot_distill.config.push import PushSection
 from cot_distill.config.quantize import QuantizeSection
-from cot_distill.config.train import TrainSection
+from cot_distill.config.train import ChainSection, TrainSection
 
 
 class Recipe(Strict):
@@ -44,6 +44,9 @@ class Recipe(Strict):
     # {kd: {method: kd, output_dir: runs/demo/train-kd}}; `cot-distill run` trains, evaluates and compares them
     # next to the main student (as student_<name>).
     ablations: dict[str, dict[str, Any]] = {}
+    # A teacher-assistant chain (config/train.py ChainSection): students trained in turn, each the next one's
+    # teacher; the last is the main student. Absent: the main student learns from the teacher directly.
+    chain: ChainSection | None = None
     quantize: QuantizeSection | None = None  # absent: the recipe has no quantize stage
     eval: EvalSection = EvalSection()
     report: str | None = None  # where `cot-distill run` writes report.json; None: next to eval.output_dir
@@ -99,31 +102,61 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _ablations_are_trainable(self) -> "Recipe":
-        if self.ablations and self.train is None:
-            raise ValueError("ablations vary the train section: add one")
-        output_dirs = [self.train.output_dir] if self.train else []
-        for name, changes in self.ablations.items():
+        if (self.ablations or self.chain) and self.train is None:
+            raise ValueError("ablations and chain vary the train section: add one")
+        output_dirs = [] if self.chain else [self.train.output_dir] if self.train else []
+        variants = {f"ablations.{name}": lambda name=name: self.ablation_train(name) for name in self.ablations}
+        for name in self.ablations:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"ablations.{name}: use letters, digits, '_' and '-' (it names an eval folder)")
-            variant = self.ablation_train(name)  # raises with the offending key
-            if variant.output_dir in output_dirs:
-                raise ValueError(f"ablations.{name}.output_dir: set one of its own (it would overwrite "
-                                 f"{variant.output_dir})")
-            output_dirs.append(variant.output_dir)
+        if self.chain:
+            variants.update({f"chain.stages.{index}": lambda index=index: self.chain_train(index)
+                             for index in range(len(self.chain.stages))})
+            if self.chain.compare_direct:
+                variants["chain.compare_direct"] = self.direct_train
+        for where, variant in variants.items():
+            output_dir = variant().output_dir  # raises with the offending key
+            if output_dir in output_dirs:
+                raise ValueError(f"{where}.output_dir: set one of its own (it would overwrite {output_dir})")
+            output_dirs.append(output_dir)
         return self
 
     def ablation_train(self, name: str) -> TrainSection:
         """The train section of ablation `name`: the main one with the ablation's keys replaced."""
-        merged = {**self.train.model_dump(exclude_unset=True), **self.ablations[name]}
-        try:
-            return TrainSection.model_validate(merged)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"ablations.{name}.{where}: {first['msg']}") from None
+        return validated_train({**self.train.model_dump(exclude_unset=True), **self.ablations[name]},
+                               f"ablations.{name}")
+
+    def chain_train(self, index: int) -> TrainSection:
+        """Chain stage `index`'s train section: the main one with the stage's keys replaced, in its own folder. A
+        later stage's kd teacher is the stage before it (its trained student) unless the stage names one."""
+        stage = self.chain.stages[index]
+        merged = {**self.train.model_dump(exclude_unset=True),
+                  "output_dir": str(Path(self.chain.output_dir) / stage.name / "train"), **stage.train}
+        own_kd = stage.train.get("kd") or {}
+        if index > 0 and merged.get("method") == "kd" and "teacher" not in own_kd:
+            merged["kd"] = {**(merged.get("kd") or {}), **own_kd,
+                            "teacher": str(self.chain_train(index - 1).model_dir())}
+        return validated_train(merged, f"chain.stages.{index}.train")
+
+    def direct_train(self) -> TrainSection:
+        """chain.compare_direct's student: the last stage's settings, trained on the recipe teacher's traces."""
+        last = self.chain.stages[-1]
+        merged = {**self.train.model_dump(exclude_unset=True),
+                  "output_dir": str(Path(self.chain.output_dir) / "direct" / "train"), **last.train}
+        return validated_train(merged, "chain.compare_direct")
 
     def report_path(self) -> Path:
         return Path(self.report) if self.report else Path(self.eval.output_dir).parent / "report.json"
+
+
+def validated_train(merged: dict[str, Any], where: str) -> TrainSection:
+    """A train section built from merged keys; an error names `where` and the offending key."""
+    try:
+        return TrainSection.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{where}.{key}: {first['msg']}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -5,7 +5,8 @@ samples.jsonl in batches through the filters -> select per prompt -> write train
 report, card and histogram -> manifest.json last. Filters run in this order, each counting what it drops and why:
 
   input          samples of prompts not in the recipe's data, or made with another teacher, prompt template or
-                 sampling parameters (generate's ledger keeps those across recipe edits)
+                 sampling parameters (generate's ledger keeps those across recipe edits); with `teachers:`, each
+                 teacher's samples against that teacher's model, name and own sampling
   completeness   finish_reason "stop", the reasoning block closed, some answer text after it
   repetition     degenerate loops in the tail (see RepetitionFilter in config/curate.py)
   length         completion tokens <= max_tokens (a named tokenizer, else usage.completion_tokens)
@@ -13,7 +14,8 @@ report, card and histogram -> manifest.json last. Filters run in this order, eac
   exact_dedup    normalized identical completions, per prompt (or global)
   near_dup       MinHash estimated Jaccard >= threshold, per prompt (or global)
   decontaminate  the prompt's problem shares a word 8-gram with a benchmark problem: all its samples go
-  select         per prompt: all, the k shortest, or k seeded-random
+  select         per prompt: all, the k shortest, or k seeded-random; with `teachers:`, of the teacher
+                 select.across_teachers picks (or of all of them pooled)
 
 Speed: the work that needs only a text (word hashes, loop check, exact digest, MinHash signature) and a prompt's
 decontamination run in worker processes a batch ahead of the main process, which reads, grades and writes.
@@ -23,7 +25,9 @@ Memory follows the kept samples, not the corpus: a batch at a time is in flight;
 16-byte digest and a num_perm x 16-bit MinHash signature per kept sample (per prompt scope: compared pairwise
 within the prompt, since a prompt has a handful of samples and LSH banding would only lose recall; the global scope
 uses NearDupIndex's LSH), the ids of contaminated prompts and, for shortest/random, the k best (rank, position)
-pairs per prompt. Survivors go straight to train.jsonl, or when selecting to a spool the selected are copied from.
+pairs per prompt (per prompt and teacher when choosing across teachers, every survivor's when k is unset); with
+`teachers:`, each (prompt, teacher)'s extracted answers, for teacher_agreement. Survivors go straight to
+train.jsonl, or when selecting to a spool the selected are copied from.
 
 Submodules (one concern each; this package re-exports what other modules import):
 

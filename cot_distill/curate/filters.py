@@ -40,23 +40,29 @@ class Filter(Protocol):
 
 
 class InputCheck:
+    """Admits the samples this recipe's generate makes: per teacher (by teacher_name: None for the one-teacher form,
+    each entry's name with `teachers:`), that teacher's model and its own sampling parameters for the sample_idx,
+    and the recipe's prompt template."""
+
     name = "input"
 
     def __init__(self, recipe: Recipe, template_hash: str, enabled: bool) -> None:
-        self.teacher, self.template_hash, self.enabled = recipe.teacher.model, template_hash, enabled
-        self.params = [params_for(recipe.generate.sampling, index, recipe.generate.logprobs)
-                       for index in range(recipe.generate.samples_per_prompt)]
+        self.template_hash, self.enabled = template_hash, enabled
+        self.expected = {teacher.name: (teacher.model, [params_for(gen.sampling, index, gen.logprobs)
+                                                        for index in range(gen.samples_per_prompt)])
+                         for teacher, gen in recipe.teacher_jobs()}
 
     def reason(self, sample: Sample, prompt: Prompt | None) -> str | None:
         if prompt is None:
             return "unknown_prompt"
         if not self.enabled:
             return None
-        if sample.teacher != self.teacher:
+        model, params = self.expected.get(sample.teacher_name, (None, []))
+        if sample.teacher != model:
             return "other_teacher"
         if sample.template_hash != self.template_hash:
             return "other_template"
-        if sample.sample_idx >= len(self.params) or sample.params != self.params[sample.sample_idx]:
+        if sample.sample_idx >= len(params) or sample.params != params[sample.sample_idx]:
             return "other_params"
         return None
 
@@ -115,6 +121,8 @@ class CorrectnessCheck:
             self.run.routes_graded[verdict.route] += 1
             self.run.routes_kept[verdict.route] += verdict.correct is True
             self.run.grade_reasons[verdict.reason] += 1
+            self.run.note_verdict(candidate.prompt.id, candidate.sample.teacher_name, verdict.correct,
+                                  verdict.extracted)
         return ["no_gold" if c.verdict is None else None if c.verdict.correct is True else c.verdict.reason
                 for c in batch]
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import time
 from array import array
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cot_distill.grading import fast_verdict
 from cot_distill.records import iter_jsonl, write_json_atomic
 
 
@@ -57,6 +59,22 @@ class RunRecord:
     lines_read: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # stream, select, dataset
     feature_wait_s: float = 0.0  # the main process waiting for the feature workers
+    # Several teachers (the names of `teachers:`, in order; empty for one teacher): by_teacher and
+    # teacher_agreement. Counted by sample.teacher_name: admitted samples, graded correct, kept rows and their tokens.
+    teachers: list[str] = field(default_factory=list)
+    teacher_samples: Counter = field(default_factory=Counter)
+    teacher_verified: Counter = field(default_factory=Counter)
+    teacher_kept: Counter = field(default_factory=Counter)
+    teacher_kept_tokens: Counter = field(default_factory=Counter)
+    # (prompt id, teacher name) -> {extracted answer, whitespace removed: samples}: a few hundred bytes per pair
+    teacher_answers: defaultdict = field(default_factory=lambda: defaultdict(Counter))
+
+    def note_verdict(self, prompt_id: str, teacher_name: str | None, correct: bool | None, extracted: str | None):
+        """A graded sample, for by_teacher and teacher_agreement (several teachers only)."""
+        if self.teachers:
+            self.teacher_verified[teacher_name] += correct is True
+            if extracted is not None:
+                self.teacher_answers[prompt_id, teacher_name]["".join(extracted.split())] += 1
 
 
 def _token_summary(tokens: array) -> dict[str, Any]:
@@ -65,6 +83,47 @@ def _token_summary(tokens: array) -> dict[str, Any]:
     values = np.frombuffer(tokens, dtype=np.int64)
     return {"total": int(values.sum()), "mean": round(float(values.mean()), 1),
             "p50": int(np.percentile(values, 50)), "p90": int(np.percentile(values, 90)), "max": int(values.max())}
+
+
+def same_answer(first: str, second: str) -> bool:
+    """Two extracted answers agree: equal strings (whitespace removed), or plain numbers of equal value as the
+    grader's fast path compares them (1,234 = 1234, 1/2 = \\frac{1}{2} = 0.5). Not math-verify: that would cost a
+    worker call per pair, and teacher_agreement is a diagnostic, not a verdict."""
+    return first == second or fast_verdict(first, second) is True or fast_verdict(second, first) is True
+
+
+def by_teacher(run: RunRecord) -> dict[str, dict[str, Any]]:
+    """Per teacher: admitted samples, verified (graded correct), kept rows, mean completion tokens of a kept row.
+    Samples of unlisted teachers (only_current_samples: false) are reported under their name too."""
+    names = run.teachers + sorted((name for name in run.teacher_samples if name not in run.teachers), key=str)
+    return {str(name): {"samples": run.teacher_samples[name], "verified": run.teacher_verified[name],
+                        "kept": run.teacher_kept[name],
+                        "tokens_per_kept": round(run.teacher_kept_tokens[name] / run.teacher_kept[name], 1)
+                        if run.teacher_kept[name] else None}
+            for name in names}
+
+
+def teacher_agreement(run: RunRecord) -> dict[str, Any]:
+    """How often the teachers give the same final answer. Per prompt, each teacher's answer is its majority
+    extracted answer (over its samples the correctness filter graded: complete, no loop, within the length limit;
+    ties: the smallest string); prompts where at least two teachers have one are compared. all_agree: the share of
+    those prompts where every pair of them agrees (same_answer); pairwise["a|b"]: the share of agreeing prompts
+    among those where both a and b have an answer (null where none has)."""
+    majority: dict[str, dict[str, str]] = defaultdict(dict)  # prompt id -> teacher -> its answer
+    for (prompt_id, name), answers in run.teacher_answers.items():
+        if name in run.teachers:
+            majority[prompt_id][name] = min(answers, key=lambda answer: (-answers[answer], answer))
+    pairs = list(combinations(run.teachers, 2))
+    compared, all_agree, both, agree = 0, 0, Counter(), Counter()
+    for answers in majority.values():
+        if len(answers) < 2:
+            continue
+        verdicts = {(a, b): same_answer(answers[a], answers[b]) for a, b in pairs if a in answers and b in answers}
+        compared, all_agree = compared + 1, all_agree + all(verdicts.values())
+        both.update(verdicts.keys())
+        agree.update(pair for pair, same in verdicts.items() if same)
+    return {"prompts_compared": compared, "all_agree": round(all_agree / compared, 4) if compared else None,
+            "pairwise": {f"{a}|{b}": round(agree[a, b] / both[a, b], 4) if both[a, b] else None for a, b in pairs}}
 
 
 def build_report(run: RunRecord, *, config: dict[str, Any], inputs: dict[str, Any], seconds: float) -> dict:
@@ -88,6 +147,7 @@ def build_report(run: RunRecord, *, config: dict[str, Any], inputs: dict[str, An
                     for source in sources},
         "decontamination": {"benchmarks": run.benchmark_sizes,
                             "contaminated_prompts": dict(sorted(run.contaminated_prompts.items()))},
+        **({"by_teacher": by_teacher(run), "teacher_agreement": teacher_agreement(run)} if run.teachers else {}),
         "config": config,
         # by_filter_s is main-process time: the loop check, digests, MinHash and decontamination run in feature
         # workers ahead of it, and feature_wait_s is how long it waited for them
@@ -122,6 +182,18 @@ def format_table(report: dict[str, Any]) -> str:
     contaminated = report["decontamination"]["contaminated_prompts"]
     if contaminated:
         lines.append(f"contaminated prompts: {_reasons_text(contaminated)}")
+    if "by_teacher" in report:
+        lines += ["", f"{'teacher':<24}{'samples':>11}{'verified':>11}{'kept':>11}{'tokens/kept':>13}"]
+        for name, counts in report["by_teacher"].items():
+            mean = "-" if counts["tokens_per_kept"] is None else f"{counts['tokens_per_kept']:,}"
+            lines.append(f"{name[:23]:<24}{counts['samples']:>11,}{counts['verified']:>11,}{counts['kept']:>11,}"
+                         f"{mean:>13}")
+        agreement = report["teacher_agreement"]
+        if agreement["prompts_compared"]:
+            pairwise = ", ".join(f"{pair} {share:.1%}" for pair, share in agreement["pairwise"].items()
+                                 if share is not None)
+            lines.append(f"answers agree on {agreement['all_agree']:.1%} of {agreement['prompts_compared']:,} "
+                         f"prompts with two or more teachers' answers ({pairwise})")
     output, timing = report["output"], report["timing"]
     if report["input"].get("prompts_without_sample"):
         lines.append(f"{report['input']['prompts_without_sample']:,} of {report['input']['prompts']:,} prompts have "
@@ -144,6 +216,8 @@ def write_dataset_card(path: Path, report: dict[str, Any], *, name: str, teacher
     output = report["output"]
     config = report["config"]
     benchmarks = ", ".join(report["decontamination"]["benchmarks"]) or "none"
+    teachers = "".join(f"\n  - `{name}`: {counts['kept']:,} rows of {counts['samples']:,} samples"
+                       for name, counts in report.get("by_teacher", {}).items())
     text = f"""---
 tags: [reasoning, chain-of-thought, distillation, cot-distill]
 ---
@@ -154,7 +228,7 @@ tags: [reasoning, chain-of-thought, distillation, cot-distill]
 
 ## Sources
 
-- teacher: `{teacher}`
+- teacher: `{teacher}`{teachers}
 - prompts: `{prompts}` (prompt template `{template}`)
 - decontaminated against: {benchmarks} (word {config['decontaminate']['ngram']}-grams of the prompt problem)
 
@@ -162,7 +236,7 @@ tags: [reasoning, chain-of-thought, distillation, cot-distill]
 
 `messages`: the rendered prompt (user, and system when the template has one) and the teacher's reply as the
 assistant turn (reasoning format `{config['reasoning_format']}`). Columns `reasoning`, `answer_text`, `prompt_id`,
-`source`, `teacher`, `grade` (extracted answer and extraction route), `tokens`, `sample_idx`.
+`source`, `teacher`, {"`teacher_name`, " if teachers else ""}`grade` (extracted answer and extraction route), `tokens`, `sample_idx`.
 The same rows are in `train.jsonl`; `report.json` has every count below.
 
 ## Filters (in order)
@@ -217,7 +291,8 @@ def write_length_histogram(path: Path, input_tokens: array, output_tokens: array
 SHARD_CHARACTERS = 500_000_000  # ~500 MB of Arrow: save_to_disk's default shard size
 
 
-def dataset_features(reasoning_format: str, recorded_logprobs: bool = False):
+def dataset_features(reasoning_format: str, recorded_logprobs: bool = False, teacher_names: bool = False):
+    """`teacher_names` (several teachers): the rows' teacher_name column; one-teacher datasets keep their features."""
     import datasets
 
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
@@ -231,6 +306,7 @@ def dataset_features(reasoning_format: str, recorded_logprobs: bool = False):
         "messages": datasets.List(message), "reasoning": datasets.Value("string"),
         "answer_text": datasets.Value("string"), "prompt_id": datasets.Value("string"),
         "source": datasets.Value("string"), "teacher": datasets.Value("string"),
+        **({"teacher_name": datasets.Value("string")} if teacher_names else {}),
         "grade": {"extracted": datasets.Value("string"), "route": datasets.Value("string")},
         "tokens": datasets.Value("int64"), "sample_idx": datasets.Value("int64"),
     })
@@ -241,7 +317,8 @@ def row_characters(row: dict) -> int:
     return sum(len(value) for value in text if value)
 
 
-def save_dataset(train: Path, target: Path, reasoning_format: str, recorded_logprobs: bool = False) -> list[str]:
+def save_dataset(train: Path, target: Path, reasoning_format: str, recorded_logprobs: bool = False,
+                 teacher_names: bool = False) -> list[str]:
     """train.jsonl -> a datasets.load_from_disk folder, written shard by shard with datasets' own ArrowWriter.
 
     Dataset.save_to_disk would read back a memory-mapped Arrow copy of the whole set, and those pages count as
@@ -257,7 +334,7 @@ def save_dataset(train: Path, target: Path, reasoning_format: str, recorded_logp
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    features = dataset_features(reasoning_format, recorded_logprobs)
+    features = dataset_features(reasoning_format, recorded_logprobs, teacher_names)
     target.mkdir(parents=True)
     shards: list[Path] = []
     writer, shard_characters, fingerprint = None, 0, hashlib.blake2b(digest_size=8)

@@ -115,14 +115,17 @@ def admit(batch: list[tuple[int, Sample]], prompts: dict[str, Prompt], check: In
             candidates.append(Candidate(line_no, sample, prompt))
             run.source_in[source_of(prompt)] += 1
             run.input_prompts.add(prompt.id)
+            run.teacher_samples[sample.teacher_name] += 1
     run.tallies[0].record(reasons, started)
     return candidates
 
 
-def record_output(run: RunRecord, prompt: Prompt, tokens: int) -> None:
+def record_output(run: RunRecord, prompt: Prompt, tokens: int, teacher_name: str | None) -> None:
     run.output_tokens.append(tokens)
     run.output_prompts.add(prompt.id)
     run.source_out[source_of(prompt)] += 1
+    run.teacher_kept[teacher_name] += 1
+    run.teacher_kept_tokens[teacher_name] += tokens
 
 
 def stream(recipe: Recipe, samples_paths: list[Path], prompts: dict[str, Prompt], complete: bool, run: RunRecord,
@@ -140,9 +143,10 @@ def stream(recipe: Recipe, samples_paths: list[Path], prompts: dict[str, Prompt]
         run.feature_wait_s += time.perf_counter() - waiting
         for candidate in apply_filters(candidates, filters, run.tallies[1:]):
             rows.write(training_row(candidate, render(candidate.prompt), cfg.reasoning_format,
-                                    with_logprobs=recipe.generate.logprobs is not None))
+                                    with_logprobs=recipe.generate.logprobs is not None,
+                                    with_teacher_name=bool(recipe.teachers)))
             if selector is None:
-                record_output(run, candidate.prompt, candidate.tokens)
+                record_output(run, candidate.prompt, candidate.tokens, candidate.sample.teacher_name)
             else:
                 selector.offer(candidate, written)
             written += 1
@@ -179,7 +183,7 @@ def copy_selected(spool: Path, train: Path, selector: Selector, prompts: dict[st
             reasons.append(None if index in selected else "not_selected")
             if index in selected:
                 writer.write(row)
-                record_output(run, prompts[row["prompt_id"]], row["tokens"])
+                record_output(run, prompts[row["prompt_id"]], row["tokens"], row.get("teacher_name"))
     run.tallies.append(FilterTally("select"))
     run.tallies[-1].record(reasons, started)
     spool.unlink()
@@ -243,8 +247,10 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
     log_config(recipe, samples_label, len(prompts), generate_manifest is not None)
     clear_outputs(out_dir)
 
-    run = RunRecord(tallies=[FilterTally("input")])
-    selector = None if cfg.select.strategy == "all" and cfg.select.k is None else Selector(cfg.select)
+    teacher_names = [teacher.name for teacher in recipe.teachers]
+    run = RunRecord(tallies=[FilterTally("input")], teachers=teacher_names)
+    keep_every_survivor = (cfg.select.strategy, cfg.select.k, cfg.select.across_form()) == ("all", None, "all")
+    selector = None if keep_every_survivor else Selector(cfg.select, teacher_names)
     rows_path = out_dir / (TRAIN_FILE if selector is None else SPOOL_FILE)
     with JsonlWriter(rows_path, fsync_every=4096) as rows:
         stream(recipe, samples_paths, prompts, generate_manifest is not None, run, rows, selector)
@@ -256,7 +262,8 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
         run.tallies.append(FilterTally("select", seen=len(run.output_tokens), kept=len(run.output_tokens)))
     dataset_started = time.monotonic()
     dataset_files = save_dataset(out_dir / TRAIN_FILE, out_dir / DATASET_DIR, cfg.reasoning_format,
-                                 recorded_logprobs=recipe.generate.logprobs is not None)
+                                 recorded_logprobs=recipe.generate.logprobs is not None,
+                                 teacher_names=bool(recipe.teachers))
     run.stage_seconds["dataset"] = time.monotonic() - dataset_started
 
     # Prompts the teacher rejected for good (generate.max_failed_fraction) have no sample: say how many.
@@ -267,7 +274,8 @@ def run_curate(recipe: Recipe) -> dict[str, Any]:
     report = build_report(run, config=cfg.model_dump(mode="json"), inputs=inputs, seconds=time.monotonic() - started)
     write_json_atomic(out_dir / REPORT_FILE, report)
     note = write_length_histogram(out_dir / HISTOGRAM_FILE, run.input_tokens, run.output_tokens, cfg.histogram_bins)
-    write_dataset_card(out_dir / CARD_FILE, report, name=recipe.name, teacher=recipe.teacher.model,
+    teacher = ", ".join(f"{entry.name}: {entry.model}" for entry in recipe.teachers) or recipe.teacher.model
+    write_dataset_card(out_dir / CARD_FILE, report, name=recipe.name, teacher=teacher,
                        prompts=recipe.data.prompts, template=recipe.generate.prompt_template, histogram_note=note)
     print(format_table(report), file=sys.stderr, flush=True)
     write_manifest(out_dir, stage="curate", recipe=recipe_snapshot(recipe),
