@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo demo-kd demo-kd-recorded demo-opd test test-fast lint bench clean
+.PHONY: setup demo demo-kd demo-prune demo-chain demo-kd-recorded demo-opd test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,24 @@ demo: setup
 # compared against the teacher. Reuses every finished stage of `make demo`; adds ~13 min of training on 2 cores.
 demo-kd: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --set 'ablations={kd: {method: kd, output_dir: runs/demo/train-kd}}'
+
+# Pruning by measured importance (issue 20): a second 20-layer student whose layers block importance chose
+# (init_from keep: auto, scored on 64 curated rows), trained and evaluated like the main one (every third layer
+# dropped by hand), as student_auto_layers. Reuses every finished stage of `make demo`.
+AUTO_LAYERS := auto_layers: {init_from: {model: smollm2-135m, keep: auto, layers: 20}, \
+	output_dir: runs/demo/train-auto-layers}
+demo-prune: setup
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --set 'ablations={$(AUTO_LAYERS)}'
+
+# A teacher-assistant chain (issue 19): SmolLM2's 30 layers -> the demo's 20-layer student (its folder, so a finished
+# `make demo` is reused) -> a 10-layer student trained on the assistant's own curated traces, against the same
+# 10-layer student trained on the teacher's traces directly (student_direct). Everything else under runs/demo-chain/.
+CHAIN := --set quantize=null --set eval.output_dir=runs/demo-chain/eval --set report=runs/demo-chain/report.json \
+	--set 'chain={output_dir: runs/demo-chain, compare_direct: true, stages: [{name: assistant, train: {output_dir: \
+	runs/demo/train}}, {name: student10, train: {init_from: {model: smollm2-135m, keep_layers: [0, 3, 6, 9, 12, 15, \
+	18, 21, 24, 29]}}}]}'
+demo-chain: setup
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(CHAIN)
 
 # Issue 18's ablations, on one demo run whose generate also records the teacher's top-20 log-probabilities
 # (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records

@@ -150,12 +150,15 @@ def run(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma list, e.g. curate,train (default: all)."),
 ) -> None:
-    """All stages from one recipe: generate -> curate -> train -> eval -> compare -> report.json.
+    """All stages from one recipe: generate -> curate -> train -> quantize -> eval -> compare -> report.json.
 
-    Eval covers the teacher (on the server generate started), the student before training, the trained student
-    and each of the recipe's `ablations`; the run ends with compare's table and report.json (default: next to
-    eval.output_dir). Finished stages are reused (same inputs, manifest present); a rerun after a crash
-    continues where it stopped. Local vLLM servers are stopped on exit, Ctrl+C or failure.
+    Eval covers the teacher (on the server generate started), the student before training, the trained student,
+    the quantized one (with a quantize section) and each of the recipe's `ablations`; the run ends with compare's
+    table and report.json (default: next to eval.output_dir). `teachers:` generates from several teachers into one
+    ledger; `chain:` trains students in turn, each served as the next one's teacher (its traces generated and
+    curated under chain.output_dir). Finished stages are reused (same inputs, manifest present); a rerun after a
+    crash continues where it stopped. Local vLLM servers are stopped on exit, Ctrl+C or failure.
+    Stages for --stages: generate, curate, train, quantize, eval.
     """
     from cot_distill.pipeline import run_pipeline
 

@@ -23,6 +23,7 @@ from cot_distill.teachers.identity import model_fingerprint
 STAGES = ("generate", "curate", "train", "quantize", "eval")
 FINGERPRINT_FILE = ".pipeline-fingerprint"
 TEACHER, BEFORE, AFTER, QUANTIZED = "teacher", "student_before", "student_after", "student_quantized"
+DIRECT = "student_direct"  # chain.compare_direct: the last stage trained on the teacher's own traces
 
 
 class PipelineError(UserError, RuntimeError):
@@ -89,10 +90,23 @@ def reuse_or_run(name: str, out_dir: str | Path, fingerprint: str, stage: Callab
 
 
 def trained_students(recipe: Recipe) -> dict[str, TrainSection]:
-    """label -> train section: the main student, then each ablation."""
+    """label -> train section, in training order: the main student (with a chain: each stage, the last as the main
+    student, then the direct baseline), then each ablation."""
     if recipe.train is None:
         return {}
-    return {AFTER: recipe.train, **{f"student_{name}": recipe.ablation_train(name) for name in recipe.ablations}}
+    ablations = {f"student_{name}": recipe.ablation_train(name) for name in recipe.ablations}
+    if recipe.chain is None:
+        return {AFTER: recipe.train, **ablations}
+    labels = chain_labels(recipe)
+    chain = {label: recipe.chain_train(index) for index, label in enumerate(labels)}
+    direct = {DIRECT: recipe.direct_train()} if recipe.chain.compare_direct else {}
+    return {**chain, **direct, **ablations}
+
+
+def chain_labels(recipe: Recipe) -> list[str]:
+    """Each chain stage's label: student_<name>, and the last one the main student's."""
+    stages = recipe.chain.stages
+    return [f"student_{stage.name}" for stage in stages[:-1]] + [AFTER]
 
 
 def student_model_dir(train: TrainSection) -> Path:
@@ -100,7 +114,47 @@ def student_model_dir(train: TrainSection) -> Path:
     if train.lora is not None and not train.merge:
         raise PipelineError("train.lora without train.merge: true leaves only an adapter, which the eval stage "
                             "cannot serve; set train.merge: true")
-    return Path(train.output_dir) / ("merged" if train.lora is not None else "")
+    return train.model_dir()
+
+
+def teacher_recipes(recipe: Recipe) -> dict[str, Recipe]:
+    """label -> the recipe whose teacher and curated traces that student learns from: the recipe itself, or for a
+    chain stage after the first, the recipe with the stage before it as its teacher (served like the recipe's
+    teacher) and that teacher's generate and curate folders under CHAIN.OUTPUT_DIR/NAME/."""
+    students = trained_students(recipe)
+    learns_from = {label: recipe for label in students}
+    if recipe.chain is None:
+        return learns_from
+    labels = chain_labels(recipe)
+    for index in range(1, len(labels)):
+        previous, folder = labels[index - 1], Path(recipe.chain.output_dir) / recipe.chain.stages[index].name
+        teacher = served_like_teacher(student_model_dir(students[previous]), previous, recipe.teacher)
+        learns_from[labels[index]] = recipe.model_copy(update={
+            "teacher": teacher, "teachers": [],
+            "generate": recipe.generate.model_copy(update={"output_dir": str(folder / "generate"), "shard": None}),
+            "curate": recipe.curate.model_copy(update={"output_dir": str(folder / "curate")}),
+        })
+    return learns_from
+
+
+def main_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as the main student sees it: its train section (with a chain, the last stage's) and the teacher and
+    curated traces it learned from (quantize calibrates on those)."""
+    if recipe.chain is None:
+        return recipe
+    return teacher_recipes(recipe)[AFTER].model_copy(update={"train": trained_students(recipe)[AFTER]})
+
+
+def train_from_own_teacher(recipe: Recipe, learns_from: Recipe, label: str, train: TrainSection, clock: StageClock,
+                           slot) -> None:
+    """Train one student. A chain stage's teacher (the stage before it) first writes and curates its traces,
+    served in the slot; generate and curate reuse their folders while that teacher and its settings are the same."""
+    if learns_from is not recipe:
+        name = label.removeprefix("student_")
+        clock.run(f"generate for {name}", lambda: run_generate_stage(learns_from, slot))
+        slot.close()  # training wants the cores
+        clock.run(f"curate for {name}", lambda: run_curate_stage(learns_from))
+    clock.run(f"train {label}", lambda: run_train_stage(learns_from, train, f"train {label}", slot))
 
 
 def untrained_student_dir(train: TrainSection) -> Path | None:
@@ -267,7 +321,8 @@ def eval_teacher(recipe: Recipe, slot) -> Path:
 
 def eval_students(recipe: Recipe, slot) -> dict[str, Path]:
     folders = {}
-    before = untrained_student_dir(recipe.train) if recipe.eval.before_training_samples else None
+    main = main_recipe(recipe)
+    before = untrained_student_dir(main.train) if recipe.eval.before_training_samples else None
     if before is not None:
         folders[BEFORE] = eval_one(recipe, BEFORE, served_like_teacher(before, BEFORE, recipe.teacher), slot,
                                    model_fingerprint(before), samples=recipe.eval.before_training_samples)
@@ -280,7 +335,7 @@ def eval_students(recipe: Recipe, slot) -> dict[str, Path]:
     if recipe.quantize is not None:
         from cot_distill.config.quantize import quantized_dir
 
-        model_dir = quantized_dir(recipe.quantize, recipe.train.output_dir)
+        model_dir = quantized_dir(recipe.quantize, main.train.output_dir)
         if read_manifest(model_dir) is None:
             raise PipelineError(f"{QUANTIZED}: {model_dir} has no manifest.json; run the quantize stage first")
         folders[QUANTIZED] = eval_one(recipe, QUANTIZED, served_quantized(recipe, model_dir), slot,
@@ -295,9 +350,9 @@ def with_teacher_context_for_eval(recipe: Recipe) -> Recipe:
     launch = recipe.teacher.launch
     if launch is None or launch.max_model_len >= eval_context(recipe.eval):
         return recipe
-    teacher = recipe.teacher.model_copy(
-        update={"launch": launch.model_copy(update={"max_model_len": eval_context(recipe.eval)})})
-    return recipe.model_copy(update={"teacher": teacher})
+    update = {"launch": launch.model_copy(update={"max_model_len": eval_context(recipe.eval)})}
+    teachers = [recipe.teachers[0].model_copy(update=update), *recipe.teachers[1:]] if recipe.teachers else []
+    return recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update=update), "teachers": teachers})
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -346,7 +401,10 @@ def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | N
     if QUANTIZED in folders and AFTER in folders:
         report["quantized"] = quantized_summary(folders[QUANTIZED], folders[AFTER], folders.get(TEACHER),
                                                 recipe.quantize.scheme)
-    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER, QUANTIZED)]
+    chain = chain_labels(recipe) + [DIRECT] if recipe.chain is not None else []
+    if chain:
+        report["chain"] = chain_summary(recipe, models, clock)
+    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER, QUANTIZED, *chain)]
     report["compare_dir"] = str(compare_dir) if compare_dir else None
     report["wall_seconds"] = clock.elapsed()  # of this invocation: a rerun that reuses stages is short
     report["stages"] = clock.stages
@@ -354,6 +412,22 @@ def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, report)
     return path
+
+
+def chain_summary(recipe: Recipe, models: dict[str, dict[str, Any]], clock: StageClock) -> dict[str, Any]:
+    """The chain in order (teacher, each stage, and the direct baseline) with each student's pass@1, layers and the
+    seconds this invocation spent making it (its teacher's generate and curate, and its training)."""
+    labels = chain_labels(recipe) + ([DIRECT] if recipe.chain.compare_direct else [])
+
+    def seconds(label: str) -> float:
+        name = label.removeprefix("student_")
+        return round(sum(clock.stages.get(stage, {}).get("seconds", 0)
+                         for stage in (f"generate for {name}", f"curate for {name}", f"train {label}")), 1)
+
+    return {"order": [TEACHER, *chain_labels(recipe)], "direct": DIRECT if recipe.chain.compare_direct else None,
+            "students": {label: {"pass@1": models[label]["pass@1"] if label in models else None,
+                                 "layers": models[label]["layers"] if label in models else None,
+                                 "seconds_this_run": seconds(label)} for label in labels}}
 
 
 def quantized_summary(quantized: Path, float_student: Path, teacher: Path | None, scheme: str) -> dict[str, Any]:
@@ -426,11 +500,12 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | None = None,
         if "curate" in chosen:
             clock.run("curate", lambda: run_curate_stage(recipe))
         if "train" in chosen:
+            learns_from = teacher_recipes(recipe)
             for label, train in trained_students(recipe).items():
-                clock.run(f"train {label}", lambda: run_train_stage(recipe, train, f"train {label}", slot))
+                train_from_own_teacher(recipe, learns_from[label], label, train, clock, slot)
             slot.close()  # a teacher served for on_policy training
         if "quantize" in chosen:
-            clock.run("quantize", lambda: run_quantize_stage(recipe))
+            clock.run("quantize", lambda: run_quantize_stage(main_recipe(recipe)))
         if "eval" in chosen and recipe.train is not None:
             folders.update(clock.run("eval students", lambda: eval_students(recipe, slot)))
     if "eval" not in chosen:

@@ -7,8 +7,10 @@ test; tests that need faults put a proxy in front of it instead of starting anot
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
             process.kill()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_generate_after(recipe: Path, samples_path: Path, lines: int, timeout_s: float = 300) -> int:
+    """Start `cot-distill generate RECIPE`, kill -9 it once samples.jsonl holds `lines` lines (0: as soon as the
+    file exists), and return how many lines it held then. Fails if the job finished before it could be killed."""
+    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(recipe)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if samples_path.exists() and samples_path.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the generator finished before it could be killed; make the job bigger"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return samples_path.read_bytes().count(b"\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from cot_distill.config import load_recipe
 from cot_distill.generate import run_generate
 from cot_distill.records import iter_jsonl, read_json, read_manifest
 
-from conftest import REPO_ROOT, SERVED_NAME, run_cli, write_recipe
+from conftest import REPO_ROOT, SERVED_NAME, kill_generate_after, run_cli, write_recipe
 from fault_proxy import FaultPlan, FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -71,20 +70,9 @@ def test_kill_minus_9_then_resume_gives_each_sample_exactly_once(tmp_path, vllm_
     recipe = write_recipe(tmp_path, [vllm_server.base_url], prompts, samples_per_prompt=4, concurrency=16,
                           sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 48})
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(recipe)], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples_path = out / "samples.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        lines = samples_path.read_bytes().count(b"\n") if samples_path.exists() else 0
-        if lines >= kill_after_lines and (kill_after_lines or samples_path.exists()):
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the generator finished before it could be killed; make the job bigger"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    lines_at_kill = kill_generate_after(recipe, samples_path, kill_after_lines)
     assert read_manifest(out) is None
-    lines_at_kill = samples_path.read_bytes().count(b"\n")
     assert lines_at_kill < 200
 
     # A crash mid-write leaves a torn line; simulate the worst case on top of the real kill.

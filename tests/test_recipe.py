@@ -137,7 +137,7 @@ def test_bad_ablation_names_its_key_and_line(tmp_path, ablation, message):
 def test_ablations_need_a_train_section(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(MINIMAL + "ablations:\n  x: {output_dir: y}\n")
-    with pytest.raises(RecipeError, match="ablations vary the train section"):
+    with pytest.raises(RecipeError, match="ablations and chain vary the train section"):
         load_recipe(path)
 
 
@@ -202,3 +202,25 @@ def test_make_demo_kd_recorded_and_demo_opd_build_issue_18s_ablations():
     assert (served.base_url, served.model) == ("http://127.0.0.1:1234/v1", recipe.teacher.model)
     assert slot.asked == (recipe.teacher.launch, recipe.teacher.model)
     assert with_served_teacher(recipe, recipe.train, slot) is recipe.train
+
+
+def test_make_demo_prune_adds_a_student_whose_layers_are_measured():
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-prune")))
+    auto = recipe.ablation_train("auto_layers")
+    assert auto.init_from.keep == "auto" and auto.init_from.layers == len(recipe.train.init_from.keep_layers)
+    assert auto.sft == recipe.train.sft and auto.output_dir == "runs/demo/train-auto-layers"
+
+
+def test_make_demo_chain_reuses_the_demo_student_as_assistant_and_trains_a_ten_layer_student_both_ways():
+    from cot_distill.pipeline import teacher_recipes, trained_students
+
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-chain")))
+    students = trained_students(recipe)
+    assert list(students) == ["student_assistant", "student_after", "student_direct"]
+    assert students["student_assistant"] == recipe.train  # the demo's own student: a finished `make demo` is reused
+    assert len(students["student_after"].init_from.keep_layers) == 10
+    assert students["student_direct"].init_from == students["student_after"].init_from
+    learns_from = teacher_recipes(recipe)["student_after"]
+    assert learns_from.teacher.launch.model_path == "runs/demo/train"
+    assert learns_from.generate.output_dir.startswith("runs/demo-chain/")
+    assert recipe.eval.output_dir.startswith("runs/demo-chain/") and recipe.quantize is None

@@ -4,11 +4,6 @@ links, then method: kd with kd.teacher: recorded training a tiny student from th
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,7 @@ from cot_distill.logprob_store import LOGPROBS_FILE, read_logprobs
 from cot_distill.records import iter_jsonl, read_manifest
 from cot_distill.train.recorded import ends_in_stop_string, same_text_as_served
 
-from conftest import REPO_ROOT, run_cli, write_recipe
+from conftest import kill_generate_after, run_cli, write_recipe
 
 K = 5
 CURATE_KEEP_ALL = {  # the tiny teacher's random text would fail every quality filter; the links are under test
@@ -41,16 +36,8 @@ def recorded_run(tmp_path_factory, vllm_server):
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = Path(recipe["generate"]["output_dir"])
 
-    process = subprocess.Popen([sys.executable, "-m", "cot_distill.cli", "generate", str(recipe_path)],
-                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    samples_path, deadline = out / "samples.jsonl", time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if samples_path.exists() and samples_path.read_bytes().count(b"\n") >= 20:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the generator finished before it could be killed; make the job bigger"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    samples_path = out / "samples.jsonl"
+    kill_generate_after(recipe_path, samples_path, 20)
     assert read_manifest(out) is None
     with open(out / LOGPROBS_FILE, "ab") as handle:  # the worst case on top: both files torn mid-record
         handle.write(b"CDLP\x01\x00\x05\x00" + b"\x00" * 11)

@@ -6,6 +6,7 @@ options are not re-declared: `sft` is passed verbatim to `trl.SFTConfig(**sft)`,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
@@ -250,6 +251,11 @@ class TrainSection(Strict):
                 data.pop(key, None)
         return data
 
+    def model_dir(self) -> Path:
+        """The trained full model, which vLLM serves and quantize reads: OUTPUT_DIR, or OUTPUT_DIR/merged with LoRA
+        (with LoRA and no merge there is only an adapter: callers refuse that with their own message)."""
+        return Path(self.output_dir) / ("merged" if self.lora is not None else "")
+
     @field_validator("resume", mode="before")
     @classmethod
     def _resume_choice(cls, value: Any) -> Any:
@@ -266,3 +272,30 @@ class TrainSection(Strict):
             if key in sft:
                 raise ValueError(f"train.sft.{key} is not accepted: {reason}")
         return sft
+
+
+class ChainStage(Strict):
+    """One student of a teacher-assistant chain: the recipe's train section with these keys replaced (as an
+    ablation's are). The first stage learns from the recipe's teacher (its curated traces, or its logits); each later
+    stage from the stage before it, whose trained student is served to write traces on the recipe's prompts (with
+    the recipe's generate and curate settings) and is the default kd teacher."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    train: dict[str, Any] = {}  # e.g. {init_from: {model: smollm2-135m, every: 3}}; output_dir: CHAIN.OUTPUT_DIR/NAME/train
+
+
+class ChainSection(Strict):
+    """`chain:` teacher -> stages[0] -> stages[1] -> ..., one `cot-distill run`. The last stage is the run's main
+    student (student_after); the others are evaluated as student_<name>. compare_direct also trains the last
+    stage's student on the recipe teacher's own curated traces (student_direct), the baseline a chain must beat."""
+
+    stages: list[ChainStage] = Field(min_length=1)
+    output_dir: str = "runs/chain"  # per stage: NAME/generate, NAME/curate, NAME/train; direct/train
+    compare_direct: bool = False
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "ChainSection":
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names) or "direct" in names:
+            raise ValueError(f"chain.stages: each needs a name of its own, and not `direct` (got {names})")
+        return self

@@ -98,8 +98,10 @@ def generate_each_teacher(recipe: Recipe, prompts: PromptStream, jobs: list[tupl
         by_teacher[teacher.name] = generate_samples(prompts, teacher, gen, snapshot={}, slot=slot,
                                                     grading=recipe.curate.correctness, finish=False)
     totals = {name: sum(stats[name] for stats in by_teacher.values())
-              for name in ("samples_done", "samples_this_run", "samples_failed_permanently",
-                           "completion_tokens_this_run")}
+              for name in ("samples_done", "samples_this_run", "samples_failed_permanently", "truncated_total",
+                           "completion_tokens_total", "completion_tokens_this_run", "wall_seconds")}
+    totals["completion_tokens_per_s"] = round(totals["completion_tokens_this_run"] / max(totals["wall_seconds"], 1e-9),
+                                              1)
     stats = {"prompts": len(prompts), **totals, "teachers": by_teacher}
     write_json_atomic(out_dir / STATS_FILE, stats)
     files = [SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if (out_dir / LOGPROBS_FILE).exists() else [])]
