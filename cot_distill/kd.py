@@ -9,14 +9,20 @@ DistillKit's kl.py multiplies by tau^2, as here). Both terms are averaged over t
 
 The math lives in `distillation_sums` only: the public `distillation_loss` and the trainer's chunked path
 (`chunked_distillation_sums`, which never holds logits for more than one chunk of positions) both reduce through it.
-`sparse_distillation_loss` is the sparse variant for a teacher known only by its top-K log-probabilities (what an
+Several teachers (kd.teachers) are one teacher whose distribution is the weighted mixture of theirs:
+
+    p_t = sum_i w_i * softmax(z_t,i / tau),   weights w_i >= 0 summing to 1,
+
+computed in log space (logsumexp of log w_i + log_softmax(z_t,i / tau)); the KL, tau^2 and CE are then exactly as
+above, so one teacher of weight 1 is the single-teacher loss. `sparse_distillation_loss` is the sparse variant for a teacher known only by its top-K log-probabilities (what an
 OpenAI-compatible server returns as top_logprobs): the same loss with both distributions renormalised over the top-K
 ids (formula in `sparse_distillation_sums`); it shares the masking, CE, KL and weighting code with the dense one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +66,34 @@ def _kl_sum(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kl
     return F.kl_div(teacher_log_probs, student_log_probs, reduction="sum", log_target=True)
 
 
-def distillation_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, kl: str = "forward") -> DistillationSums:
+def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float] | None,
+                      temperature: float) -> torch.Tensor:
+    """log p_t at temperature tau: of one teacher, or of the weighted mixture of several (module docstring).
+    Detached and in float32."""
+    tempered = [F.log_softmax(logits.detach().float() / temperature, dim=-1) for logits in teacher_logits]
+    if len(tempered) == 1:
+        return tempered[0]
+    weights = weights if weights is not None else [1 / len(tempered)] * len(tempered)
+    if len(weights) != len(tempered) or abs(sum(weights) - 1) > 1e-6 or min(weights) < 0:
+        raise ValueError(f"teacher weights must be one per teacher, >= 0 and sum to 1, got {list(weights)}")
+    return torch.logsumexp(torch.stack([log_p + (math.log(weight) if weight > 0 else -math.inf)
+                                        for log_p, weight in zip(tempered, weights)]), dim=0)
+
+
+def distillation_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+                      labels: torch.Tensor, temperature: float, kl: str = "forward",
+                      teacher_weights: Sequence[float] | None = None) -> DistillationSums:
     """Summed CE and KL over the positions where labels != -100. Logits (..., vocab) and labels (...) are aligned
-    position by position. Computed in float32; the teacher is detached, so gradients reach the student only."""
+    position by position. `teacher_logits`: one teacher's, or a sequence of several teachers' (with
+    `teacher_weights`, default equal), whose mixture is the teacher. Computed in float32; the teachers are
+    detached, so gradients reach the student only."""
     _check_kl(kl)
-    count, targets, (student, teacher) = _scored_rows(labels, student_logits, teacher_logits)
-    student, teacher = student.float(), teacher.detach().float()
+    teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
+    count, targets, (student, *teachers) = _scored_rows(labels, student_logits, *teachers)
+    student = student.float()
     student_log_probs = F.log_softmax(student, dim=-1)
     student_log_probs_tau = student_log_probs if temperature == 1 else F.log_softmax(student / temperature, dim=-1)
-    teacher_log_probs_tau = F.log_softmax(teacher / temperature, dim=-1)
+    teacher_log_probs_tau = teacher_log_probs(teachers, teacher_weights, temperature)
     return DistillationSums(_ce_sum(student_log_probs, targets),
                             _kl_sum(student_log_probs_tau, teacher_log_probs_tau, kl), count)
 
@@ -126,10 +150,12 @@ def weighted_distillation_loss(sums: DistillationSums, alpha: float, beta: float
     return (alpha * sums.ce + beta * temperature**2 * sums.kl) / torch.as_tensor(count).clamp(min=1)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, beta: float, temperature: float, kl: str = "forward") -> torch.Tensor:
-    """The scalar loss above. labels are already aligned with the logits (the caller shifts them); -100 masks."""
-    sums = distillation_sums(student_logits, teacher_logits, labels, temperature, kl)
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+                      labels: torch.Tensor, alpha: float, beta: float, temperature: float, kl: str = "forward",
+                      teacher_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The scalar loss above. labels are already aligned with the logits (the caller shifts them); -100 masks.
+    Several teachers' logits with `teacher_weights`: their mixture is the teacher (module docstring)."""
+    sums = distillation_sums(student_logits, teacher_logits, labels, temperature, kl, teacher_weights)
     return weighted_distillation_loss(sums, alpha, beta, temperature)
 
 
@@ -143,20 +169,27 @@ def sparse_distillation_loss(student_logits: torch.Tensor, topk_ids: torch.Tenso
 
 
 def chunked_distillation_sums(student_hidden: torch.Tensor, targets: torch.Tensor,
-                              student_head: Callable[[torch.Tensor], torch.Tensor], *, teacher_hidden: torch.Tensor,
-                              teacher_head: Callable[[torch.Tensor], torch.Tensor], temperature: float,
-                              kl: str = "forward", chunk_tokens: int = 1024) -> DistillationSums:
+                              student_head: Callable[[torch.Tensor], torch.Tensor], *,
+                              teacher_hidden: torch.Tensor | Sequence[torch.Tensor],
+                              teacher_head: Callable[[torch.Tensor], torch.Tensor] | Sequence[Callable],
+                              temperature: float, kl: str = "forward", chunk_tokens: int = 1024,
+                              teacher_weights: Sequence[float] | None = None) -> DistillationSums:
     """distillation_sums over the LM heads' logits of (N, hidden) states at scored positions, chunk_tokens rows at a
     time. With more than one chunk and autograd on, each chunk is recomputed in backward instead of keeping its
     logits (torch checkpointing): only one chunk's vocabulary-sized tensors exist at any time, for the price of one
-    more pass through both heads. The teacher's head always runs without grad."""
+    more pass through the heads. The teachers' heads always run without grad. Several teachers: a sequence of
+    hidden states and one of heads, in the same order, mixed with `teacher_weights`."""
+    single = isinstance(teacher_hidden, torch.Tensor)
+    hiddens, heads = ([teacher_hidden], [teacher_head]) if single else (list(teacher_hidden), list(teacher_head))
 
-    def chunk_sums(student_chunk, teacher_chunk, target_chunk):
+    def chunk_sums(student_chunk, *teacher_chunks_and_targets):
+        *teacher_chunks, target_chunk = teacher_chunks_and_targets
         with torch.no_grad():
-            teacher_logits = teacher_head(teacher_chunk)
-        return tuple(distillation_sums(student_head(student_chunk), teacher_logits, target_chunk, temperature, kl))
+            teacher_logits = [head(chunk) for head, chunk in zip(heads, teacher_chunks)]
+        return tuple(distillation_sums(student_head(student_chunk), teacher_logits, target_chunk, temperature, kl,
+                                       teacher_weights))
 
-    return _sum_over_chunks(chunk_sums, (student_hidden, teacher_hidden, targets), chunk_tokens)
+    return _sum_over_chunks(chunk_sums, (student_hidden, *hiddens, targets), chunk_tokens)
 
 
 def chunked_sparse_distillation_sums(student_hidden: torch.Tensor, targets: torch.Tensor,

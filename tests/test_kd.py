@@ -163,3 +163,40 @@ def test_chunks_keep_no_vocabulary_sized_tensor_for_backward():
     chunked = saved_for_backward_numel(run(chunk))
     assert whole >= tokens * vocab  # one chunk: the logits of every position are kept
     assert chunked < tokens * vocab / 4  # recomputed per chunk: only the (tokens x hidden) inputs are kept
+
+
+def test_a_mixture_is_the_weighted_average_of_the_teachers_tempered_probabilities():
+    torch.manual_seed(3)
+    student, first, second = (torch.randn(2, 3, 5) for _ in range(3))
+    labels = torch.tensor([[1, -100, 2], [0, 4, -100]])
+    temperature, weights = 2.0, [0.25, 0.75]
+    mixture = 0.25 * torch.softmax(first / temperature, -1) + 0.75 * torch.softmax(second / temperature, -1)
+    scored = labels != -100
+    log_q = torch.log_softmax(student / temperature, -1)[scored]
+    kl = (mixture[scored] * (mixture[scored].log() - log_q)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(student[scored], labels[scored])
+    expected = 0.4 * ce + 0.6 * temperature**2 * kl
+    got = distillation_loss(student, [first, second], labels, 0.4, 0.6, temperature, teacher_weights=weights)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # one teacher of weight 1, and two copies of one teacher, are that teacher
+    single = distillation_loss(student, first, labels, 0.4, 0.6, temperature, kl="reverse")
+    assert distillation_loss(student, [first], labels, 0.4, 0.6, temperature, kl="reverse",
+                             teacher_weights=[1.0]).item() == pytest.approx(single.item(), rel=1e-6)
+    assert distillation_loss(student, [first, first], labels, 0.4, 0.6, temperature, kl="reverse",
+                             teacher_weights=[0.5, 0.5]).item() == pytest.approx(single.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        distillation_loss(student, [first, second], labels, 0.4, 0.6, temperature, teacher_weights=[0.5, 0.6])
+
+
+def test_chunked_mixture_equals_unchunked():
+    student_head, first_head = heads()
+    _, second_head = heads(vocab=11, teacher_dim=8)
+    second_head.weight.data.mul_(3.0)
+    hidden = torch.randn(9, 6, requires_grad=True)
+    first_hidden, second_hidden, targets = torch.randn(9, 8), torch.randn(9, 8), torch.randint(0, 11, (9,))
+    expected = distillation_loss(student_head(hidden), [first_head(first_hidden), second_head(second_hidden)],
+                                 targets, 0.3, 0.7, 2.0, teacher_weights=[0.6, 0.4])
+    sums = chunked_distillation_sums(hidden, targets, student_head, teacher_hidden=[first_hidden, second_hidden],
+                                     teacher_head=[first_head, second_head], temperature=2.0, chunk_tokens=4,
+                                     teacher_weights=[0.6, 0.4])
+    assert ((0.3 * sums.ce + 0.7 * 4.0 * sums.kl) / sums.count).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -108,7 +108,7 @@ def test_trainer_loss_equals_distillation_loss_on_full_logits(tmp_path, padding_
     cfg = TrainSection(student=str(student_dir), dataset=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "o"),
                        method="kd", kd=kd, sft={**QUICK, "bf16": False, "padding_free": padding_free})
     model, tokenizer = T.load_student(cfg, str(student_dir))
-    teacher, _ = T.load_teacher(cfg, model, tokenizer, str(student_dir))
+    [(teacher, _)] = T.load_teachers(cfg, model, tokenizer, str(student_dir))
     template, _ = T.resolve_chat_template(tokenizer, cfg)
     end_of_turn = T.find_end_of_turn(tokenizer, template, cfg.assistant_mask)
     dataset = T.tokenize_conversations(T.load_conversations(cfg.dataset), tokenizer, template, cfg, end_of_turn, 128,
@@ -251,3 +251,41 @@ def test_kd_leaves_the_allocator_alone_unless_asked():
     assert wants_allocator_tuning(TrainSection(**base, method="kd")) is False
     assert wants_allocator_tuning(TrainSection(**base, method="kd", tune_cpu_allocator=True)) is True
     assert wants_allocator_tuning(TrainSection(**base, tune_cpu_allocator=False)) is False
+
+
+def test_a_mixture_of_two_teachers_trains_on_their_weighted_mixture(tmp_path):
+    """kd.teachers: the trainer's loss is cot_distill.kd's on both teachers' full logits with weights 2:1 (scaled
+    to 2/3 and 1/3), and the manifest names both teachers with their weights."""
+    student_dir = make_tiny_student(tmp_path / "student")
+    sharp, soft = peaked_teacher(tmp_path / "sharp", scale=30.0), peaked_teacher(tmp_path / "soft", scale=3.0)
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)
+    kd = {"teachers": [{"model": str(sharp), "weight": 2}, {"model": str(soft), "weight": 1}], "alpha": 0.3,
+          "beta": 0.7, "temperature": 2.0, "chunk_tokens": 5}
+    cfg = TrainSection(student=str(student_dir), dataset=str(data), output_dir=str(tmp_path / "o"), method="kd",
+                       kd=kd, sft={**QUICK, "bf16": False, "max_steps": 2}, **IN_PROCESS)
+    model, tokenizer = T.load_student(cfg, str(student_dir))
+    teachers = [teacher for teacher, _ in T.load_teachers(cfg, model, tokenizer, str(student_dir))]
+    template, _ = T.resolve_chat_template(tokenizer, cfg)
+    end_of_turn = T.find_end_of_turn(tokenizer, template, cfg.assistant_mask)
+    dataset = T.tokenize_conversations(T.load_conversations(cfg.dataset), tokenizer, template, cfg, end_of_turn, 128,
+                                       None)
+    trainer = T.DistillSFTTrainer(model=model, args=T.build_sft_config(cfg), train_dataset=dataset,
+                                  processing_class=tokenizer, teacher=teachers, kd=cfg.kd)
+    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+
+    reference = padded_batch(cfg, student_dir)
+    inputs = {"input_ids": reference["input_ids"], "attention_mask": reference["attention_mask"]}
+    with torch.no_grad():
+        logits = [net(**inputs).logits[:, :-1] for net in (model, *teachers)]
+    labels = reference["labels"][:, 1:]
+    expected = distillation_loss(logits[0], logits[1:], labels, 0.3, 0.7, 2.0, teacher_weights=[2 / 3, 1 / 3])
+    assert loss == pytest.approx(expected.item(), rel=1e-4)
+    only_sharp = distillation_loss(logits[0], logits[1], labels, 0.3, 0.7, 2.0).item()
+    assert abs(loss - only_sharp) > 1e-3 * abs(only_sharp)  # the second teacher counts
+
+    out = T.run_train(cfg, {"train": cfg.model_dump()})
+    manifest = read_manifest(out)
+    assert [teacher["weight"] for teacher in manifest["teachers"]] == pytest.approx([2 / 3, 1 / 3])
+    assert [teacher["path"] for teacher in manifest["teachers"]] == [str(sharp), str(soft)]

@@ -78,14 +78,23 @@ class LoraSection(Strict):
 RECORDED_TEACHER = "recorded"  # kd.teacher: train from the recorded top-K (logprob_store.py), no teacher model
 
 
+class WeightedTeacher(Strict):
+    model: str  # local path or offline asset name, with the student's exact vocabulary
+    weight: float = Field(default=1.0, gt=0)  # relative: the weights are scaled to sum to 1
+
+
 class KDSection(Strict):
     """method: kd. Loss on the assistant tokens: alpha * CE(labels) + beta * tau^2 * KL at temperature tau, with
     the teacher's full next-token distribution computed on the fly (see cot_distill/kd.py)."""
 
     # Local path or offline asset name (e.g. smollm2-135m) of a model with the student's exact vocabulary.
     # Default: init_from.model when the student is built with init_from. "recorded": no teacher in memory; the
-    # teacher's top-K log-probabilities recorded by generate (generate.logprobs), linked from each dataset row.
+    # teacher's top-K log-probabilities recorded by generate (generate.logprobs), linked from each dataset row
+    # (with `teachers:` in the recipe, each row's own teacher's records).
     teacher: str | None = None
+    # Several teachers in memory, distilled as the weighted mixture of their distributions (kd.py), instead of
+    # `teacher`: e.g. [{model: runs/a/train, weight: 2}, {model: smollm2-135m, weight: 1}].
+    teachers: list[WeightedTeacher] = []
     alpha: float = Field(default=0.5, ge=0.0)  # weight of the cross-entropy on the trace's tokens
     beta: float = Field(default=0.5, ge=0.0)  # weight of tau^2 * KL
     temperature: float = Field(default=2.0, gt=0.0)
@@ -98,7 +107,28 @@ class KDSection(Strict):
     def _some_weight(self) -> "KDSection":
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("train.kd: alpha and beta are both 0, so nothing would be trained")
+        if self.teachers and self.teacher is not None:
+            raise ValueError("train.kd: set `teacher` (one) or `teachers` (a weighted mixture), not both")
+        if len(self.teachers) == 1:
+            raise ValueError("train.kd.teachers: a mixture needs two or more; one teacher goes in `kd.teacher`")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_mixture(self, handler) -> dict[str, Any]:
+        # Without a mixture the section dumps as before `teachers` existed: kd students are reused, not retrained.
+        data = handler(self)
+        if not self.teachers:
+            data.pop("teachers", None)
+        return data
+
+    def teacher_models(self) -> list[tuple[str, float]]:
+        """(model, weight) of each teacher held in memory, weights summing to 1; [] for recorded."""
+        if self.recorded:
+            return []
+        if not self.teachers:
+            return [(self.teacher, 1.0)]
+        total = sum(teacher.weight for teacher in self.teachers)
+        return [(teacher.model, teacher.weight / total) for teacher in self.teachers]
 
     @property
     def recorded(self) -> bool:
@@ -208,7 +238,7 @@ class TrainSection(Strict):
                 raise ValueError("train.kd is set but train.method is sft: set `method: kd` or remove `kd`")
             return self
         self.kd = self.kd or KDSection()
-        if self.kd.teacher is None:
+        if self.kd.teacher is None and not self.kd.teachers:
             if self.init_from is None:
                 raise ValueError("method: kd needs `train.kd.teacher` (or a student built with `init_from`, whose "
                                  "model is then the teacher)")

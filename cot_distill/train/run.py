@@ -44,8 +44,7 @@ from cot_distill.train.setup import (
     ensure_chatml_tokens,
     inputs_fingerprint,
     load_student,
-    load_teacher,
-    local_teacher_name,
+    load_teachers,
     lora_config,
     merge_adapter,
     on_accelerator,
@@ -100,8 +99,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     # Loaded before the data so that a wrong teacher fails in seconds; after ensure_chatml_tokens, which may grow
     # the student's vocabulary.
     recorded = cfg.kd is not None and cfg.kd.recorded  # the teacher's top-K from generate's records, no model
-    local_teacher = local_teacher_name(cfg) is not None
-    teacher, teacher_path = load_teacher(cfg, model, tokenizer, student_path) if local_teacher else (None, None)
+    teachers = load_teachers(cfg, model, tokenizer, student_path)  # [] for recorded kd and a served teacher
+    teacher_paths = [path for _, path in teachers]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss; any id works
     tokenizer.chat_template = saved_template
@@ -116,6 +115,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
     if cfg.method == "on_policy":
         train_dataset = prompts_dataset(conversations, functools.partial(
             reply_tokens, tokenizer, train_template, cfg, end_of_turn))
+        teacher = teachers[0][0] if teachers else None  # on_policy takes one teacher
         trainer = on_policy_trainer(cfg, model, teacher, sft_args, train_dataset, tokenizer, callbacks)
     else:
         # Every rank tokenizes for itself, in memory: nothing is written next to the curated dataset.
@@ -132,8 +132,8 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         loss_head = "compact" if cfg.method == "kd" else loss_head  # kd's chunked loss runs on the compact head
         trainer = DistillSFTTrainer(model=model, args=sft_args, train_dataset=train_dataset,
                                     processing_class=tokenizer, peft_config=lora_config(cfg), loss_head=loss_head,
-                                    token_metrics=cfg.token_metrics, callbacks=callbacks, teacher=teacher,
-                                    kd=cfg.kd)
+                                    token_metrics=cfg.token_metrics, callbacks=callbacks,
+                                    teacher=[model for model, _ in teachers] or None, kd=cfg.kd)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -157,10 +157,14 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         if cfg.init_from is not None and layer_scores.exists():  # keep: auto: the layers kept, and why
             extra["layer_choice"] = read_json(layer_scores)
         if cfg.method == "kd":  # sft manifests keep their keys
-            extra.update(method="kd", teacher=teacher_path or cfg.kd.teacher)
+            extra.update(method="kd", teacher=teacher_paths[0] if len(teacher_paths) == 1 else cfg.kd.teacher)
+            if len(teacher_paths) > 1:  # a mixture: each teacher's folder and weight
+                extra["teachers"] = [{"path": path, "weight": weight}
+                                     for path, (_, weight) in zip(teacher_paths, cfg.kd.teacher_models())]
         if cfg.method == "on_policy":
             served = cfg.on_policy.served
-            extra.update(method="on_policy", teacher=teacher_path or f"{served.model} at {served.base_url}",
+            extra.update(method="on_policy", teacher=teacher_paths[0] if teacher_paths
+                         else f"{served.model} at {served.base_url}",
                          loss_head=None)
             if served is not None:
                 extra["teacher_requests"] = trainer.scorer.requests

@@ -155,29 +155,33 @@ def check_same_vocabulary(student, student_tokenizer, student_path: str, teacher
                          f"({teacher_path}) both have vocab_size {student_size} but map tokens to different ids")
 
 
-def local_teacher_name(cfg: TrainSection) -> str | None:
-    """The teacher model to load next to the student: kd's unless recorded, on_policy's unless served; else None."""
-    if cfg.method == "kd" and not cfg.kd.recorded:
-        return cfg.kd.teacher
-    if cfg.method == "on_policy":
-        return cfg.on_policy.teacher
-    return None
+def local_teachers(cfg: TrainSection) -> list[tuple[str, float]]:
+    """(model, weight) of each teacher to load next to the student: kd's (one, or a weighted mixture) unless
+    recorded, on_policy's unless served; else []."""
+    if cfg.method == "kd":
+        return cfg.kd.teacher_models()
+    if cfg.method == "on_policy" and cfg.on_policy.teacher is not None:
+        return [(cfg.on_policy.teacher, 1.0)]
+    return []
 
 
-def load_teacher(cfg: TrainSection, student, student_tokenizer, student_path: str) -> tuple[Any, str]:
-    """(frozen teacher in the student's dtype, its resolved path) for method kd or on_policy, after the vocabulary
-    check."""
+def load_teachers(cfg: TrainSection, student, student_tokenizer, student_path: str) -> list[tuple[Any, str]]:
+    """(frozen teacher in the student's dtype, its resolved path) for each of local_teachers(cfg), each after the
+    vocabulary check."""
     from transformers import AutoModelForCausalLM
 
     from cot_distill.assets import resolve_model_path
 
-    path = resolve_model_path(local_teacher_name(cfg))  # offline asset names (smollm2-135m) as well as folders
-    check_same_vocabulary(student, student_tokenizer, student_path, path)
     kwargs = {"dtype": student.dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return teacher.eval().requires_grad_(False), path
+    loaded = []
+    for name, _ in local_teachers(cfg):
+        path = resolve_model_path(name)  # offline asset names (smollm2-135m) as well as folders
+        check_same_vocabulary(student, student_tokenizer, student_path, path)
+        teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        loaded.append((teacher.eval().requires_grad_(False), path))
+    return loaded
 
 
 def checkpoint_dtype(cfg: TrainSection, path: str) -> torch.dtype | None:

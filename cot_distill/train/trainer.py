@@ -75,10 +75,13 @@ class DistillSFTTrainer(SFTTrainer):
         text_config = self.model.config.get_text_config()
         scales_logits = any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS)
         self.loss_head = "fused" if scales_logits else loss_head  # TRL's kernel applies those transforms
-        self.teacher, self.kd = None, kd
-        if teacher is not None:
-            self._check_distillation_supported(teacher)
-            self.loss_head, self.teacher = "compact", self._place_teacher(teacher)
+        # `teacher`: one model, or a list whose mixture (weights from kd.teacher_models()) is the teacher
+        self.teachers, self.kd = [], kd
+        for model in ([] if teacher is None else teacher if isinstance(teacher, (list, tuple)) else [teacher]):
+            self._check_distillation_supported(model)
+            self.loss_head = "compact"
+            self.teachers.append(self._place_teacher(model))
+        self.teacher_weights = [weight for _, weight in kd.teacher_models()] if self.teachers else None
         if self.recorded:
             self._check_distillation_supported(None)
             vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -114,8 +117,9 @@ class DistillSFTTrainer(SFTTrainer):
         if self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
-            self._teacher_engine = prepare_deepspeed(teacher, self.accelerator)  # keeps ZeRO-3's hooks alive
-            return self._teacher_engine.module
+            engine = prepare_deepspeed(teacher, self.accelerator)
+            self._teacher_engines = [*getattr(self, "_teacher_engines", []), engine]  # keeps ZeRO-3's hooks alive
+            return engine.module
         return teacher.to(self.accelerator.device)
 
     def _uses_trl_loss(self) -> bool:
@@ -132,7 +136,7 @@ class DistillSFTTrainer(SFTTrainer):
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is not None or self.recorded:
+        if self.teachers or self.recorded:
             return self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs or self._uses_trl_loss():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -158,8 +162,11 @@ class DistillSFTTrainer(SFTTrainer):
                 temperature=self.kd.temperature, kl=self.kd.kl, chunk_tokens=self.kd.chunk_tokens)
         else:
             distill = functools.partial(
-                chunked_distillation_sums, teacher_hidden=self._teacher_hidden(model_inputs, inputs["labels"]),
-                teacher_head=self.teacher.get_output_embeddings(), temperature=self.kd.temperature, kl=self.kd.kl,
+                chunked_distillation_sums,
+                teacher_hidden=[self._teacher_hidden(teacher, model_inputs, inputs["labels"])
+                                for teacher in self.teachers],
+                teacher_head=[teacher.get_output_embeddings() for teacher in self.teachers],
+                teacher_weights=self.teacher_weights, temperature=self.kd.temperature, kl=self.kd.kl,
                 chunk_tokens=self.kd.chunk_tokens,
             )
         sums = DistillationSums(*model(**model_inputs, compact_labels=inputs["labels"], distill=distill))
@@ -175,12 +182,12 @@ class DistillSFTTrainer(SFTTrainer):
         with torch.no_grad():  # only evaluation with compute_metrics asks for the logits
             return loss, model(**model_inputs)
 
-    def _teacher_hidden(self, model_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """The teacher's last hidden states at the positions that carry loss, (scored tokens, hidden): small. Its
+    def _teacher_hidden(self, teacher, model_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """A teacher's last hidden states at the positions that carry loss, (scored tokens, hidden): small. Its
         logits are computed from them chunk by chunk inside the student's forward."""
         scored = labels[:, 1:] != IGNORE  # the same selection as add_compact_lm_head's
         with torch.no_grad(), self.accelerator.autocast():  # the student's forward runs under the same autocast
-            hidden = self.teacher.base_model(**model_inputs, use_cache=False).last_hidden_state
+            hidden = teacher.base_model(**model_inputs, use_cache=False).last_hidden_state
         return hidden[:, :-1][scored]
 
     def _log_distillation_parts(self, sums: DistillationSums) -> None:
