@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo demo-kd demo-prune demo-chain demo-kd-recorded demo-opd test test-fast lint bench clean
+.PHONY: setup demo demo-kd demo-prune demo-chain demo-teachers demo-kd-recorded demo-opd test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,29 @@ CHAIN := --set quantize=null --set eval.output_dir=runs/demo-chain/eval --set re
 	18, 21, 24, 29]}}}]}'
 demo-chain: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(CHAIN)
+
+# Two teachers (issue 19): SmolLM2's 30 layers and the demo's trained 20-layer student, 4 samples each per problem
+# into one ledger (runs/demo-teachers/). curate keeps the pooled traces (across_teachers: all) for the main student;
+# each other across_teachers policy is curated into its own folder, and shortest_verified's rows train a second
+# student (student_shortest); report.json and each curate report.json give acceptance per teacher.
+TEACHERS := --set teacher=null --set quantize=null --set generate.samples_per_prompt=4 \
+	--set generate.output_dir=runs/demo-teachers/generate --set curate.output_dir=runs/demo-teachers/curate \
+	--set train.output_dir=runs/demo-teachers/train --set eval.output_dir=runs/demo-teachers/eval \
+	--set report=runs/demo-teachers/report.json --set 'teachers=[{name: teacher, model: smollm2-135m, \
+	request_timeout_s: 300, launch: {model_path: smollm2-135m, max_model_len: 2048, enforce_eager: true}}, \
+	{name: assistant, model: demo-student, request_timeout_s: 300, launch: {model_path: runs/demo/train, \
+	max_model_len: 2048, enforce_eager: true}}]'
+POLICIES := shortest_verified '{prefer: [teacher, assistant]}' '{prefer: [assistant, teacher]}' \
+	'{quota: {teacher: 0.5, assistant: 0.5}}'
+SHORTEST := shortest: {dataset: runs/demo-teachers/curate-shortest_verified/dataset, \
+	output_dir: runs/demo-teachers/train-shortest}
+demo-teachers: setup
+	test -f runs/demo/train/manifest.json || $(MAKE) demo
+	$(VENV)/bin/cot-distill generate recipes/demo-cpu.yaml $(TEACHERS)
+	for policy in $(POLICIES); do name=$$(echo "$$policy" | tr -dc 'a-z_' | head -c 40); \
+	  $(VENV)/bin/cot-distill curate recipes/demo-cpu.yaml $(TEACHERS) --set "curate.select.across_teachers=$$policy" \
+	  --set curate.output_dir=runs/demo-teachers/curate-$$name || exit 1; done
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(TEACHERS) --set 'ablations={$(SHORTEST)}'
 
 # Issue 18's ablations, on one demo run whose generate also records the teacher's top-20 log-probabilities
 # (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records

@@ -169,7 +169,8 @@ def make_command(target: str) -> list[str]:
 
     lines = subprocess.run(["make", "-n", "-s", target], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    return shlex.split(next(line for line in lines if "cot-distill run" in line))
+    # the last one: a target may first run `make demo` (whose command make -n prints too)
+    return shlex.split([line for line in lines if "cot-distill run" in line][-1])
 
 
 def overrides(command: list[str]) -> list[str]:
@@ -224,3 +225,26 @@ def test_make_demo_chain_reuses_the_demo_student_as_assistant_and_trains_a_ten_l
     assert learns_from.teacher.launch.model_path == "runs/demo/train"
     assert learns_from.generate.output_dir.startswith("runs/demo-chain/")
     assert recipe.eval.output_dir.startswith("runs/demo-chain/") and recipe.quantize is None
+
+
+def make_words(name: str) -> list[str]:
+    """A make variable's words as the target's shell sees them (its quotes applied), one per line."""
+    import subprocess
+
+    return subprocess.run(["make", "-s", "--eval", f"print-words: ; @printf '%s\\n' $({name})", "print-words"],
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def test_make_demo_teachers_builds_two_teachers_and_every_across_teachers_policy():
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-teachers")))
+    assert [teacher.name for teacher in recipe.teachers] == ["teacher", "assistant"]
+    assert recipe.teacher.model == "smollm2-135m" and recipe.teachers[1].launch.model_path == "runs/demo/train"
+    assert all(gen.samples_per_prompt == 4 for _, gen in recipe.teacher_jobs())
+    shortest = recipe.ablation_train("shortest")
+    assert shortest.dataset == "runs/demo-teachers/curate-shortest_verified/dataset"
+    policies = make_words("POLICIES")
+    assert len(policies) == 4
+    for policy in policies:  # each curate of the loop validates
+        curated = load_recipe(REPO / "recipes" / "demo-cpu.yaml",
+                              [*overrides(make_command("demo-teachers")), f"curate.select.across_teachers={policy}"])
+        assert curated.curate.select.across_teachers != "all"

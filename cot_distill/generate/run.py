@@ -104,15 +104,15 @@ def generate_each_teacher(recipe: Recipe, prompts: PromptStream, jobs: list[tupl
                                               1)
     stats = {"prompts": len(prompts), **totals, "teachers": by_teacher}
     write_json_atomic(out_dir / STATS_FILE, stats)
-    files = [SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if (out_dir / LOGPROBS_FILE).exists() else [])]
     write_manifest(out_dir, stage="generate", recipe=recipe_snapshot(recipe),
                    counts={"prompts": len(prompts), "samples": totals["samples_done"],
                            "failed_permanently": totals["samples_failed_permanently"],
                            "teachers": {name: teacher_stats["samples_done"]
                                         for name, teacher_stats in by_teacher.items()}},
-                   files=files,
+                   files=[SAMPLES_FILE, STATS_FILE],
                    extra={"teacher_identity": {name: teacher_stats["teacher_identity"]
-                                               for name, teacher_stats in by_teacher.items()}})
+                                               for name, teacher_stats in by_teacher.items()},
+                          **logprobs_entry(out_dir)})
     return stats
 
 
@@ -221,10 +221,18 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     if not finish:
         return stats
     write_manifest(out_dir, stage="generate", recipe=snapshot, counts=counts,
-                   files=[SAMPLES_FILE, STATS_FILE, *([LOGPROBS_FILE] if gen.logprobs else [])],
+                   files=[SAMPLES_FILE, STATS_FILE],
                    extra={"permanent_failure_reasons": stats["permanent_failure_reasons"],
-                          "teacher_identity": identity})
+                          "teacher_identity": identity, **logprobs_entry(out_dir)})
     return stats
+
+
+def logprobs_entry(out_dir: Path) -> dict[str, Any]:
+    """The manifest's note of logprobs.bin: its size, not its sha256 like the other files. At R1 scale it holds
+    terabytes (124 bytes per token at K=20) that hashing would read end to end on every finish; each record carries
+    its own crc32, and the ledger's hash, which later stages key on, changes with every record linked."""
+    path = out_dir / LOGPROBS_FILE
+    return {"logprobs_file": {"name": LOGPROBS_FILE, "bytes": path.stat().st_size}} if path.exists() else {}
 
 
 class JobStream:
