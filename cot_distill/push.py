@@ -34,6 +34,7 @@ import yaml
 
 from cot_distill.config import Recipe, TrainSection
 from cot_distill.config.push import PushSection
+from cot_distill.config.quantize import quantized_dir
 from cot_distill.errors import UserError
 from cot_distill.pipeline import AFTER, TEACHER, trained_students
 from cot_distill.records import (
@@ -475,7 +476,10 @@ def plan_student(label: str, repo_id: str, train: TrainSection) -> tuple[Student
 def plan_quantized(cfg: PushSection, recipe: Recipe) -> tuple[Student, Path, list[str]] | None:
     """The quantized student, or None while its folder does not exist (there is no quantize stage yet). The
     folder's manifest names the scheme: its `quantization` mapping ({scheme: ..., more settings}), or `scheme`."""
-    folder = Path(cfg.quantized_dir or f"{recipe.train.output_dir}-quantized")
+    main = trained_students(recipe)[AFTER]  # with a chain, its last stage
+    default = (quantized_dir(recipe.quantize, main.output_dir) if recipe.quantize is not None
+               else Path(f"{main.output_dir}-quantized"))
+    folder = Path(cfg.quantized_dir) if cfg.quantized_dir else default
     if not folder.is_dir():
         print(f"[push] {folder} does not exist: no quantized student to push", file=sys.stderr, flush=True)
         return None
@@ -483,8 +487,8 @@ def plan_quantized(cfg: PushSection, recipe: Recipe) -> tuple[Student, Path, lis
     files = listed_files(folder, manifest, "", "the quantize step")
     scheme = manifest.get("quantization") or {"scheme": manifest.get("scheme", "unknown")}
     # The training facts come from train's manifest (the quantized weights are those weights, requantized).
-    trained = read_manifest(recipe.train.output_dir) or manifest
-    train = (trained.get("recipe") or {}).get("train") or recipe.train.model_dump(mode="json")
+    trained = read_manifest(main.output_dir) or manifest
+    train = (trained.get("recipe") or {}).get("train") or main.model_dump(mode="json")
     student = Student(QUANTIZED_LABEL, cfg.quantized_repo, train, trained, adapter=False, quantization=scheme,
                       quantized_from=cfg.student_repo)
     return student, folder, files
