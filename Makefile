@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo demo-kd demo-prune demo-chain demo-teachers demo-kd-recorded demo-opd test test-fast lint bench clean
+.PHONY: setup demo demo-quant demo-kd demo-prune demo-chain demo-teachers demo-kd-recorded demo-opd test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,16 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The main job: teacher -> traces -> curated data -> 20-layer student -> int8 student -> eval of all four -> runs/demo/report.json.
+# The main job: teacher -> traces -> curated data -> 20-layer student -> eval of all three -> runs/demo/report.json.
 demo: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml
+
+# The seeds' whole chain (issue 20): `make demo`, then its student quantized to int8 (llm-compressor W8A8, calibrated
+# on 64 curated traces) and evaluated as student_quantized, in the same report: teacher -> pruned student (before
+# training) -> distilled -> quantized. Reuses every finished stage of `make demo`; adds ~3.5 min.
+QUANT := --set 'quantize={scheme: w8a8-int8, calibration_rows: 64, max_seq_length: 512}'
+demo-quant: setup
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(QUANT)
 
 # The KD ablation (issue 7): the same student trained with method kd (teacher logits) next to the sft one, both
 # compared against the teacher. Reuses every finished stage of `make demo`; adds ~13 min of training on 2 cores.
@@ -46,7 +53,7 @@ demo-prune: setup
 # A teacher-assistant chain (issue 19): SmolLM2's 30 layers -> the demo's 20-layer student (its folder, so a finished
 # `make demo` is reused) -> a 10-layer student trained on the assistant's own curated traces, against the same
 # 10-layer student trained on the teacher's traces directly (student_direct). Everything else under runs/demo-chain/.
-CHAIN := --set quantize=null --set eval.output_dir=runs/demo-chain/eval --set report=runs/demo-chain/report.json \
+CHAIN := --set eval.output_dir=runs/demo-chain/eval --set report=runs/demo-chain/report.json \
 	--set 'chain={output_dir: runs/demo-chain, compare_direct: true, stages: [{name: assistant, train: {output_dir: \
 	runs/demo/train}}, {name: student10, train: {init_from: {model: smollm2-135m, keep_layers: [0, 3, 6, 9, 12, 15, \
 	18, 21, 24, 29]}}}]}'
@@ -57,7 +64,7 @@ demo-chain: setup
 # into one ledger (runs/demo-teachers/). curate keeps the pooled traces (across_teachers: all) for the main student;
 # each other across_teachers policy is curated into its own folder, and shortest_verified's rows train a second
 # student (student_shortest); report.json and each curate report.json give acceptance per teacher.
-TEACHERS := --set teacher=null --set quantize=null --set generate.samples_per_prompt=4 \
+TEACHERS := --set teacher=null --set generate.samples_per_prompt=4 \
 	--set generate.output_dir=runs/demo-teachers/generate --set curate.output_dir=runs/demo-teachers/curate \
 	--set train.output_dir=runs/demo-teachers/train --set eval.output_dir=runs/demo-teachers/eval \
 	--set report=runs/demo-teachers/report.json --set 'teachers=[{name: teacher, model: smollm2-135m, \
@@ -80,7 +87,7 @@ demo-teachers: setup
 # (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records
 # (student_kd_recorded; no teacher in memory), and for demo-opd also on-policy steps on the sft student, scored by
 # the served teacher (student_opd). Each target reuses every finished stage of the other.
-DEMO_RECORDED := --set quantize=null --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
+DEMO_RECORDED := --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
 	--set curate.output_dir=runs/demo-recorded/curate --set train.output_dir=runs/demo-recorded/train \
 	--set eval.output_dir=runs/demo-recorded/eval --set report=runs/demo-recorded/report.json
 KD_ABLATIONS := kd: {method: kd, output_dir: runs/demo-recorded/train-kd}, \

@@ -28,8 +28,8 @@ def reduced_demo_overrides(out) -> list[str]:
         "train.output_dir": out / "train",
         "train.sft.max_steps": 3,
         "train.sft.per_device_train_batch_size": 4,
-        "quantize.calibration_rows": 4,
-        "quantize.max_seq_length": 128,
+        # make demo-quant's section, calibrated on a few short rows
+        "quantize": "{scheme: w8a8-int8, calibration_rows: 4, max_seq_length: 128}",
         "eval.output_dir": out / "eval",
         "eval.limit": 6,                        # of 100 held-out problems
         "eval.samples": 1,

@@ -26,6 +26,7 @@ from cot_distill import push, quantize
 from cot_distill.cli import app
 from cot_distill.config import QuantizeSection, Recipe, RecipeError, load_recipe
 from cot_distill.config.quantize import SCHEMES, SchemeName, quantized_dir
+from cot_distill.evaluate.footprint import count_parameters
 from cot_distill.records import file_sha256, iter_jsonl, read_json, read_manifest, write_manifest
 
 TRACE_ROWS = 12
@@ -338,6 +339,8 @@ def test_the_w4a16_student_is_served_by_vllm_cpu_on_its_4bit_kernel(w4a16, finis
     assert manifest["quantization"]["activations"] is None and manifest["quantization"]["vllm_cpu_dtype"] == "bfloat16"
     assert tensor_dtypes(finished / "w4a16" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_packed"] \
         == "I32"  # eight 4-bit weights per int32
+    # compare's parameter column counts the model's weights, not the packed int32s or the scales
+    assert count_parameters(finished / "w4a16") == count_parameters(finished / "train")
     log_path = tmp_path / "server.log"
     # bfloat16 as the manifest says: vllm-cpu's 4-bit kernel has no float32 version, and "auto" means float32 on
     # CPUs without native bf16.

@@ -248,3 +248,14 @@ def test_make_demo_teachers_builds_two_teachers_and_every_across_teachers_policy
         curated = load_recipe(REPO / "recipes" / "demo-cpu.yaml",
                               [*overrides(make_command("demo-teachers")), f"curate.select.across_teachers={policy}"])
         assert curated.curate.select.across_teachers != "all"
+
+
+def test_make_demo_quant_adds_the_int8_student_to_the_demo():
+    from cot_distill.config.quantize import quantized_dir
+
+    plain = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
+    assert plain.quantize is None  # make demo itself stays within 20 minutes (README)
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides(make_command("demo-quant")))
+    assert recipe.quantize.scheme == "w8a8-int8" and recipe.quantize.calibration_rows == 64
+    assert quantized_dir(recipe.quantize, recipe.train.output_dir) == Path("runs/demo/train-quantized")
+    assert recipe.model_copy(update={"quantize": None}) == plain  # nothing else changes: every stage is reused
