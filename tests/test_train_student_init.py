@@ -113,7 +113,7 @@ def teacher_with_a_dead_layer(folder: Path, dead: int) -> Path:
         layer = model.model.layers[dead]
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    model.save_pretrained(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)  # bf16 like real checkpoints: the student must stay bf16
     return folder
 
 
@@ -142,6 +142,7 @@ def test_keep_auto_drops_the_layer_that_does_nothing_and_records_why(tmp_path, s
 
     assert AutoConfig.from_pretrained(folder).num_hidden_layers == 3
     again = ensure_student_init(init, tmp_path / "student_init-2", str(dataset))
+    assert AutoConfig.from_pretrained(folder).dtype == AutoConfig.from_pretrained(teacher).dtype
     assert json.loads((again / LAYER_SCORES).read_text()) == choice  # deterministic
 
 

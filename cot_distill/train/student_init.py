@@ -112,7 +112,9 @@ def init_student_from_teacher(teacher_path: str, output_dir: str | Path, keep_la
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
     choice = None
     if auto is not None:
+        dtype = teacher.dtype  # scoring runs in float32; the student keeps the teacher's dtype as without keep: auto
         choice = measured_choice(teacher, AutoTokenizer.from_pretrained(teacher_path), auto, dataset)
+        teacher.to(dtype)
         kept = choice["kept_layers"]
     else:
         kept = resolve_kept_layers(teacher.config.get_text_config().num_hidden_layers, keep_layers, every)
