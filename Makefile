@@ -64,7 +64,7 @@ demo-chain: setup
 # into one ledger (runs/demo-teachers/). curate keeps the pooled traces (across_teachers: all) for the main student;
 # each other across_teachers policy is curated into its own folder, and shortest_verified's rows train a second
 # student (student_shortest); report.json and each curate report.json give acceptance per teacher.
-TEACHERS := --set teacher=null --set generate.samples_per_prompt=4 \
+TEACHERS := --set teacher=null --set generate.samples_per_prompt=4 --set eval.before_training_samples=0 \
 	--set generate.output_dir=runs/demo-teachers/generate --set curate.output_dir=runs/demo-teachers/curate \
 	--set train.output_dir=runs/demo-teachers/train --set eval.output_dir=runs/demo-teachers/eval \
 	--set report=runs/demo-teachers/report.json --set 'teachers=[{name: teacher, model: smollm2-135m, \
@@ -77,6 +77,8 @@ SHORTEST := shortest: {dataset: runs/demo-teachers/curate-shortest_verified/data
 	output_dir: runs/demo-teachers/train-shortest}
 demo-teachers: setup
 	test -f runs/demo/train/manifest.json || $(MAKE) demo
+	# the teacher's eval is make demo's (same weights, same benchmark and settings): eval reuses a finished folder
+	mkdir -p runs/demo-teachers/eval && cp -rn runs/demo/eval/teacher runs/demo-teachers/eval/
 	$(VENV)/bin/cot-distill generate recipes/demo-cpu.yaml $(TEACHERS)
 	for policy in $(POLICIES); do name=$$(echo "$$policy" | tr -dc 'a-z_' | head -c 40); \
 	  $(VENV)/bin/cot-distill curate recipes/demo-cpu.yaml $(TEACHERS) --set "curate.select.across_teachers=$$policy" \
