@@ -309,7 +309,9 @@ def eval_one(recipe: Recipe, label: str, target: TeacherSection, slot, weights: 
 
 
 def eval_teacher(recipe: Recipe, slot) -> Path:
-    teacher = recipe.teacher
+    # The model is evaluated, not the `teachers:` entry: without its name, the eval's request keys are those of the
+    # same teacher in a one-teacher recipe, so a finished eval of it is reused.
+    teacher = recipe.teacher.model_copy(update={"name": None})
     if teacher.launch is not None:
         from cot_distill.assets import resolve_model_path
 

@@ -140,3 +140,20 @@ def test_teachers_need_distinct_names_and_exclude_the_one_teacher_form(tmp_path)
     assert recipe.teacher == first and first.name == "a"
     assert first_gen.samples_per_prompt == 6 and first_gen.until_verified.k == 1
     assert second_gen.samples_per_prompt == 4 and second_gen.until_verified is None
+
+
+def test_the_teacher_eval_is_of_the_model_not_the_named_entry(monkeypatch):
+    """With `teachers:`, run evaluates the first teacher without its entry name, so its eval requests have the keys
+    of the same teacher in a one-teacher recipe (a finished eval of it is reused)."""
+    from cot_distill import pipeline
+
+    asked = {}
+    monkeypatch.setattr(pipeline, "eval_one", lambda recipe, label, target, slot, weights: asked.update(
+        label=label, target=target))
+    named = Recipe.model_validate({"data": {"prompts": "p.jsonl"},
+                                   "teachers": [{"name": "a", "model": "m", "base_urls": ["http://h:1/v1"]},
+                                                {"name": "b", "model": "n", "base_urls": ["http://h:2/v1"]}]})
+    single = Recipe.model_validate({"data": {"prompts": "p.jsonl"},
+                                    "teacher": {"model": "m", "base_urls": ["http://h:1/v1"]}})
+    pipeline.eval_teacher(named, slot=None)
+    assert asked["label"] == "teacher" and asked["target"] == single.teacher
