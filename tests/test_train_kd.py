@@ -79,6 +79,19 @@ def raw_kl(model_dir: Path, teacher_dir: Path, batch: dict, temperature: float) 
     return full_logits_loss(student, teacher, batch, 0.0, 1.0, temperature) / temperature**2
 
 
+def kd_trainer_and_batch(cfg: TrainSection, student_dir: Path):
+    """The kd trainer as run_train builds it (student, every kd teacher, tokenized rows) and all rows as one batch."""
+    model, tokenizer = T.load_student(cfg, str(student_dir))
+    teachers = [teacher for teacher, _ in T.load_teachers(cfg, model, tokenizer, str(student_dir))]
+    template, _ = T.resolve_chat_template(tokenizer, cfg)
+    end_of_turn = T.find_end_of_turn(tokenizer, template, cfg.assistant_mask)
+    dataset = T.tokenize_conversations(T.load_conversations(cfg.dataset), tokenizer, template, cfg, end_of_turn, 128,
+                                       None)
+    trainer = T.DistillSFTTrainer(model=model, args=T.build_sft_config(cfg), train_dataset=dataset,
+                                  processing_class=tokenizer, teacher=teachers, kd=cfg.kd)
+    return trainer, trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+
+
 def log_recorder():
     from transformers import TrainerCallback
 
@@ -107,15 +120,8 @@ def test_trainer_loss_equals_distillation_loss_on_full_logits(tmp_path, padding_
           "chunk_tokens": chunk_tokens}
     cfg = TrainSection(student=str(student_dir), dataset=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "o"),
                        method="kd", kd=kd, sft={**QUICK, "bf16": False, "padding_free": padding_free})
-    model, tokenizer = T.load_student(cfg, str(student_dir))
-    [(teacher, _)] = T.load_teachers(cfg, model, tokenizer, str(student_dir))
-    template, _ = T.resolve_chat_template(tokenizer, cfg)
-    end_of_turn = T.find_end_of_turn(tokenizer, template, cfg.assistant_mask)
-    dataset = T.tokenize_conversations(T.load_conversations(cfg.dataset), tokenizer, template, cfg, end_of_turn, 128,
-                                       None)
-    trainer = T.DistillSFTTrainer(model=model, args=T.build_sft_config(cfg), train_dataset=dataset,
-                                  processing_class=tokenizer, teacher=teacher, kd=cfg.kd)
-    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    trainer, batch = kd_trainer_and_batch(cfg, student_dir)
+    model, [teacher] = trainer.model, trainer.teachers
     assert ("attention_mask" in batch) != padding_free
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(batch)).item()
@@ -263,15 +269,8 @@ def test_a_mixture_of_two_teachers_trains_on_their_weighted_mixture(tmp_path):
           "beta": 0.7, "temperature": 2.0, "chunk_tokens": 5}
     cfg = TrainSection(student=str(student_dir), dataset=str(data), output_dir=str(tmp_path / "o"), method="kd",
                        kd=kd, sft={**QUICK, "bf16": False, "max_steps": 2}, **IN_PROCESS)
-    model, tokenizer = T.load_student(cfg, str(student_dir))
-    teachers = [teacher for teacher, _ in T.load_teachers(cfg, model, tokenizer, str(student_dir))]
-    template, _ = T.resolve_chat_template(tokenizer, cfg)
-    end_of_turn = T.find_end_of_turn(tokenizer, template, cfg.assistant_mask)
-    dataset = T.tokenize_conversations(T.load_conversations(cfg.dataset), tokenizer, template, cfg, end_of_turn, 128,
-                                       None)
-    trainer = T.DistillSFTTrainer(model=model, args=T.build_sft_config(cfg), train_dataset=dataset,
-                                  processing_class=tokenizer, teacher=teachers, kd=cfg.kd)
-    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    trainer, batch = kd_trainer_and_batch(cfg, student_dir)
+    model, teachers = trainer.model, trainer.teachers
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(batch)).item()
 
