@@ -85,24 +85,25 @@ demo-teachers: setup
 	  --set curate.output_dir=runs/demo-teachers/curate-$$name || exit 1; done
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(TEACHERS) --set 'ablations={$(SHORTEST)}'
 
-# Issue 18's ablations, on one demo run whose generate also records the teacher's top-20 log-probabilities
-# (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd), kd from the records
-# (student_kd_recorded; no teacher in memory), and for demo-opd also on-policy steps on the sft student, scored by
-# the served teacher (student_opd). Each target reuses every finished stage of the other.
+# Issue 18's recorded-kd ablation, on one demo run whose generate also records the teacher's top-20 log-probabilities
+# (runs/demo-recorded/): the sft student (main), kd with the live teacher (student_kd) and kd from the records
+# (student_kd_recorded; no teacher in memory).
 DEMO_RECORDED := --set generate.logprobs=20 --set generate.output_dir=runs/demo-recorded/generate \
 	--set curate.output_dir=runs/demo-recorded/curate --set train.output_dir=runs/demo-recorded/train \
 	--set eval.output_dir=runs/demo-recorded/eval --set report=runs/demo-recorded/report.json
 KD_ABLATIONS := kd: {method: kd, output_dir: runs/demo-recorded/train-kd}, \
 	kd_recorded: {method: kd, kd: {teacher: recorded}, output_dir: runs/demo-recorded/train-kd-recorded}
-OPD_ABLATION := opd: {method: on_policy, init_from: null, student: runs/demo-recorded/train, \
-	output_dir: runs/demo-recorded/train-opd, on_policy: {served: {}, max_completion_length: 192, kl: reverse}, \
-	sft: {max_steps: 24, per_device_train_batch_size: 8, learning_rate: 2.0e-5, logging_steps: 2, save_strategy: "no"}}
-
 demo-kd-recorded: setup
 	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(DEMO_RECORDED) --set 'ablations={$(KD_ABLATIONS)}'
 
+# Issue 18's on-policy ablation: `make demo`'s sft student, then on-policy steps on the demo's prompts, the student
+# sampling with transformers and the served teacher scoring its tokens (top-20 prompt_logprobs), as student_opd.
+# Reuses every finished stage of `make demo`.
+OPD_ABLATION := opd: {method: on_policy, init_from: null, student: runs/demo/train, output_dir: runs/demo/train-opd, \
+	on_policy: {served: {}, max_completion_length: 192, kl: reverse}, \
+	sft: {max_steps: 24, per_device_train_batch_size: 8, learning_rate: 2.0e-5, logging_steps: 2, save_strategy: "no"}}
 demo-opd: setup
-	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml $(DEMO_RECORDED) --set 'ablations={$(KD_ABLATIONS), $(OPD_ABLATION)}'
+	$(VENV)/bin/cot-distill run recipes/demo-cpu.yaml --set 'ablations={$(OPD_ABLATION)}'
 
 test: setup
 	$(VENV)/bin/pytest -q -rs --durations=15 tests

@@ -9,6 +9,9 @@ reasoning, and writes + fsyncs one JSONL record per sample.
     .venv/bin/python benchmarks/generate_throughput.py [--requests 384] [--concurrency 64] [--max-tokens 96]
     .venv/bin/python benchmarks/generate_throughput.py --logprobs 20   # both clients ask for top-20 logprobs;
                                                                        # ours records them (logprobs.bin)
+    .venv/bin/python benchmarks/generate_throughput.py --server-cost 20 --model smollm2-135m
+        # the server's own cost of top-20 logprobs: the bare client with them against the bare client without,
+        # rounds alternating on one server. Last line: RESULT logprobs_vs_plain=<median of paired ratios>.
 
 Last line: RESULT generate_vs_reference=<median over rounds of ours/reference>. Each round runs both clients
 back to back, so its ratio compares two runs under the same machine load; the median of those paired ratios is
@@ -106,6 +109,24 @@ def reference_bodies(prompts: Path, args: argparse.Namespace) -> list[dict]:
     return bodies
 
 
+def server_cost_rounds(base_url: str, plain: list[dict], with_logprobs: list[dict],
+                       args: argparse.Namespace) -> None:
+    """The server's tok/s with top-K logprobs in every request against without, both through the bare client, so
+    the ratio is the server's cost (sampling's top-K, detokenising and serialising K alternatives a token)."""
+    plain_tps, logprob_tps = [], []
+    for round_index in range(args.rounds):
+        runs = [(plain_tps, plain), (logprob_tps, with_logprobs)]
+        for results, bodies in runs if round_index % 2 == 0 else reversed(runs):
+            results.append(asyncio.run(reference_loop(base_url, bodies, args.concurrency)))
+        print(f"round {round_index + 1}: without logprobs {plain_tps[-1]:,.0f} tok/s | top-{args.server_cost} "
+              f"{logprob_tps[-1]:,.0f} tok/s | ratio {logprob_tps[-1] / plain_tps[-1]:.3f}", flush=True)
+    paired = [mine / theirs for mine, theirs in zip(logprob_tps, plain_tps)]
+    print(f"median: without {statistics.median(plain_tps):,.0f} tok/s, with top-{args.server_cost} "
+          f"{statistics.median(logprob_tps):,.0f} tok/s ({args.model}, {args.requests} requests x {args.max_tokens} "
+          f"tokens, window {args.concurrency}); paired ratios {min(paired):.3f}-{max(paired):.3f}")
+    print(f"RESULT logprobs_vs_plain={statistics.median(paired):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=384)
@@ -113,13 +134,24 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--logprobs", type=int, default=0, help="top-K logprobs in every request (0: none)")
+    parser.add_argument("--server-cost", type=int, default=0, metavar="K",
+                        help="instead: the bare client with top-K logprobs against without them (the server's cost)")
+    parser.add_argument("--model", default="tiny",
+                        help="the served model: tiny (random 2-layer, the default) or an asset such as smollm2-135m")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = build_tiny_model(folder / "tiny")
+        model = build_tiny_model(folder / "tiny") if args.model == "tiny" else args.model
         prompts = write_prompts(folder, args.requests)
         with LocalVLLMServer(str(model), SERVED, max_model_len=1024, log_path=folder / "server.log") as server:
+            if args.server_cost:
+                plain = reference_bodies(prompts, argparse.Namespace(**{**vars(args), "logprobs": 0}))
+                with_logprobs = reference_bodies(prompts, argparse.Namespace(**{**vars(args),
+                                                                                "logprobs": args.server_cost}))
+                asyncio.run(reference_loop(server.base_url, plain[: args.concurrency], args.concurrency))  # warm-up
+                server_cost_rounds(server.base_url, plain, with_logprobs, args)
+                return
             recipe = write_recipe(folder, server.base_url, prompts, args)
             bodies = reference_bodies(prompts, args)
             asyncio.run(reference_loop(server.base_url, bodies[: args.concurrency], args.concurrency))  # warm-up

@@ -75,4 +75,6 @@ def test_on_policy_with_a_served_teacher_scores_through_the_server(tmp_path, vll
     assert manifest["teacher_requests"] == requests >= 3 * 2  # one scoring request per sampled completion
     kl = [row["kl_loss"] for row in logs.rows]
     assert len(kl) == 3 and all(math.isfinite(value) and value >= 0 for value in kl), logs.rows
+    # where each step's time went: the student's sampling and the teacher's scoring, in seconds
+    assert all(row["generate_s"] > 0 and row["teacher_score_s"] > 0 for row in logs.rows), logs.rows
     assert json.loads((output / "train_config.resolved.json").read_text())["train"]["on_policy"]["served"]

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -121,7 +122,12 @@ class OnPolicyTrainer(DistillationTrainer):
 
     def _generate(self, prompts: list):
         if self._dataset_completions is None:
-            return super()._generate(prompts)
+            # Where an on-policy step's time goes (sampling, the teacher's scoring, the rest) is in the logs.
+            started = time.perf_counter()
+            generated = super()._generate(prompts)
+            self._metrics["train" if self.model.training else "eval"]["generate_s"].append(
+                time.perf_counter() - started)
+            return generated
         prompt_ids, _, _ = self._tokenize_prompts(prompts)  # the same prompt tokens generation would have used
         # As long as a sampled completion may be: memory and the teacher's context stay what on-policy steps need.
         limit = self.args.max_completion_length
@@ -138,7 +144,9 @@ class OnPolicyTrainer(DistillationTrainer):
         valid = completion_mask.bool()
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["prompt_ids"], prompt_mask)]
         completions = [ids[mask].tolist() for ids, mask in zip(completion_ids, valid)]
+        started = time.perf_counter()
         scored = self.scorer.score(prompts, completions)  # rows in the order hidden[valid] takes them
+        scoring_s = time.perf_counter() - started
         head = unwrapped_student.get_output_embeddings()
         highest = max((int(ids.max()) for ids, _ in scored if ids.size), default=0)
         if highest >= head.weight.shape[0]:
@@ -154,6 +162,7 @@ class OnPolicyTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["kl_loss"].append(float(sums.kl.detach()) / max(int(sums.count), 1))
         self._metrics[mode]["teacher_requests"] = [self.scorer.requests]
+        self._metrics[mode]["teacher_score_s"].append(scoring_s)
         # TRL logs the student's entropy from these; it is not computed on this path, so report it as absent (NaN).
         return loss, torch.tensor(float("nan"), device=hidden.device), sums.count
 
