@@ -10,9 +10,10 @@ teacher: SmolLM2-135M-Instruct. Data: demo-shaped conversations (an arithmetic q
 words, lognormal lengths) tokenized by SmolLM2's tokenizer; their records hold those token ids and K random
 alternatives per position with log-probabilities (the loss's cost does not depend on the values). Batches of 16,
 max_length 512, the demo's sft settings. Each mode runs in a fresh process; modes alternate round by round. The
-first `--warmup` steps are not timed; seconds per step is the best round's mean. Peak RSS is the process's
-(ru_maxrss). Last line: RESULT recorded_vs_sft=<s/step ratio> live_vs_sft=<ratio> bytes_per_token=<store size /
-tokens>.
+first `--warmup` steps are not timed; seconds per step is the best round's mean, and each mode's paired ratio is
+the median over rounds of its s/step over the same round's sft (a machine whose speed drifts between rounds moves
+both). Peak RSS is the process's (ru_maxrss). Last line: RESULT recorded_vs_sft=<best-round s/step ratio>
+live_vs_sft=<ratio> bytes_per_token=<store size / tokens>.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,7 +148,9 @@ def main(argv=None) -> None:
     best = {mode: min(r["s_per_step"] for r in runs) for mode, runs in results.items()}
     peak = {mode: max(r["peak_rss_gb"] for r in runs) for mode, runs in results.items()}
     for mode in modes:
-        print(f"{mode:12s} best {best[mode]:.2f} s/step ({best[mode] / best['sft']:.2f}x sft), peak RSS "
+        paired = [run["s_per_step"] / sft["s_per_step"] for run, sft in zip(results[mode], results["sft"])]
+        print(f"{mode:12s} best {best[mode]:.2f} s/step ({best[mode] / best['sft']:.2f}x sft; paired with each "
+              f"round's sft: median {statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f}), peak RSS "
               f"{peak[mode]:.2f} GB", flush=True)
     print(f"recorded store: {bytes_per_token:.0f} bytes per token at K={args.k}")
     names = {"kd_recorded": "recorded", "kd_live": "live", **{mode: mode.removeprefix("kd_") for mode in VARIANTS}}

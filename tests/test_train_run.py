@@ -45,6 +45,9 @@ def test_student_learns_to_stop_and_is_saved_for_inference(tmp_path):
 
     manifest = read_manifest(out)
     assert manifest["complete"] and manifest["counts"]["global_step"] == 40
+    # what the run cost: seconds per step from transformers' own timing, and the process's peak memory
+    assert manifest["seconds_per_step"] * 40 == pytest.approx(manifest["train_runtime_s"], rel=0.05)
+    assert manifest["seconds_per_step"] > 0 and manifest["peak_rss_gb"] > 0.1
     assert manifest["end_of_turn_token"] == "<|im_end|>" and manifest["model_dir"] == str(out)
     assert "model.safetensors" in manifest["files"] and "generation_config.json" in manifest["files"]
     written_before = max(p.stat().st_mtime for p in out.iterdir() if p.is_file() and p.name != "manifest.json")

@@ -152,7 +152,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
                  "student": student_path, "resumed_from": resume_from, "train_loss": result.training_loss,
                  "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn), "eos_token_ids": stop_ids,
                  "loss_head": loss_head, "assistant_mask": cfg.assistant_mask, "world_size": sft_args.world_size,
-                 "inputs_fingerprint": fingerprint["digest"]}
+                 "inputs_fingerprint": fingerprint["digest"], **run_cost(result.metrics)}
         layer_scores = Path(student_path) / LAYER_SCORES
         if cfg.init_from is not None and layer_scores.exists():  # keep: auto: the layers kept, and why
             extra["layer_choice"] = read_json(layer_scores)
@@ -176,6 +176,22 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def run_cost(metrics: dict[str, float]) -> dict[str, float | None]:
+    """What this run of train() cost, from transformers' speed metrics (a resumed run counts only its own steps) and
+    this process's peak memory: resident set on CPU (a live teacher's weights included), allocated on CUDA."""
+    import resource
+
+    import torch
+
+    steps_per_second = metrics.get("train_steps_per_second") or 0
+    cost = {"train_runtime_s": metrics.get("train_runtime"),
+            "seconds_per_step": round(1 / steps_per_second, 3) if steps_per_second else None,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}  # Linux: KiB
+    if torch.cuda.is_available():
+        cost["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    return cost
 
 
 def reply_tokens(tokenizer, template: str, cfg: TrainSection, end_of_turn: int, row: dict, index: int) -> list[int]:
