@@ -6,6 +6,7 @@ served name and weights: only the teacher's name tells their samples apart."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -106,6 +107,9 @@ def test_kill_minus_9_between_teachers_resumes_each_exactly_once(tmp_path, promp
     result = run_cli("generate", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
     assert_each_teacher_prompt_sample_once(out)
+    # each teacher's resume point counts its own samples only, not the other's
+    assert f"the ledger holds {PROMPTS * RIGHT_SAMPLES} samples of teacher right," in result.stderr
+    assert f"the ledger holds {at_kill - PROMPTS * RIGHT_SAMPLES} samples of teacher wrong," in result.stderr
     # the resume sent only what was missing: at most the 2 requests in flight at the kill are asked twice
     resent = len(right.arrivals) + len(wrong.arrivals) - PROMPTS * (RIGHT_SAMPLES + WRONG_SAMPLES)
     assert 0 <= resent <= 2, (sent_before, at_kill, resent)
@@ -157,3 +161,17 @@ def test_the_teacher_eval_is_of_the_model_not_the_named_entry(monkeypatch):
                                     "teacher": {"model": "m", "base_urls": ["http://h:1/v1"]}})
     pipeline.eval_teacher(named, slot=None)
     assert asked["label"] == "teacher" and asked["target"] == single.teacher
+
+
+def test_each_launched_teacher_logs_its_server_to_its_own_file(monkeypatch, tmp_path):
+    from cot_distill.teachers import serve
+
+    logs = []
+    monkeypatch.setattr(serve, "running_server", lambda launch, name, log_path, slot, seed: contextlib.nullcontext(
+        logs.append(Path(log_path).name) or type("Server", (), {"base_urls": ["http://h:1/v1"]})()))
+    recipe = Recipe.model_validate({"data": {"prompts": "p.jsonl"}, "teachers": [
+        {"name": name, "model": name, "launch": {"model_path": f"/models/{name}"}} for name in ("big", "small")]})
+    for teacher, gen in recipe.teacher_jobs():
+        with serve.maybe_launch(teacher, gen.sampling, tmp_path):
+            pass
+    assert logs == ["vllm-server-big.log", "vllm-server-small.log"]

@@ -28,9 +28,11 @@ def compact_key(key: str) -> bytes:
 class LedgerScan:
     """What a job needs to know of its ledger before it sends anything, read in one pass (a 1M-sample ledger
     takes seconds per pass): the keys it has (compact_key), the tokens spent, and the samples of this job's
-    parameters that other weights made (other_weights: see made_by_other_weights)."""
+    parameters that other weights made (other_weights: see made_by_other_weights). `own`: how many samples are this
+    job's teacher's (all of them without `teachers:`), which is what its resume point and log line count."""
 
     keys: set[bytes] = field(default_factory=set)
+    own: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     other_weights: Counter = field(default_factory=Counter)
@@ -52,6 +54,7 @@ def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str
         scan.completion_tokens += usage.get("completion_tokens", 0)
         if obj.get("teacher_name") != teacher_name:
             continue
+        scan.own += bool(obj.get("request_key"))
         made_by = made_by_other_weights(obj, identity, template_hash, params_by_index)
         if made_by is not False:
             scan.other_weights[made_by] += 1

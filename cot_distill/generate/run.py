@@ -146,7 +146,7 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     scan = scan_ledger(samples_path, identity, template.hash,
                        [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)],
                        teacher.name)
-    ledger = scan.keys
+    ledger = scan.keys  # every teacher's keys: another teacher's never match this one's requests
     say_what_other_weights_made(samples_path, identity, scan)
     progress = Progress(total, 0, gen.progress_interval_s)
     rejected_limit = math.floor(gen.max_failed_fraction * total)
@@ -155,9 +155,10 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
                     rejections)
     up_to = "up to " if gen.until_verified is not None else ""
     print(f"[generate] {len(prompts)} prompts x {up_to}{gen.samples_per_prompt} samples = {up_to}{total}; the ledger "
-          f"holds {len(ledger)} samples, skipped as the job reaches them -> {out_dir}", file=sys.stderr)
+          f"holds {scan.own} samples{of_teacher(teacher)}, skipped as the job reaches them -> {out_dir}",
+          file=sys.stderr)
 
-    engine_seed = resume_seed(len(ledger), gen)
+    engine_seed = resume_seed(scan.own, gen)  # another teacher's samples are no resume point of this one's
     stopped: GenerateError | None = None
     budget = start_budget(gen, scan, progress)
     with ExitStack() as stack:
@@ -386,6 +387,10 @@ def say_what_other_weights_made(samples_path: Path, identity: dict[str, Any], sc
         print(f"[generate] {count} samples in {samples_path} with this job's parameters were made {origin}; now "
               f"{describe(identity)}: they stay in the file, and new samples are generated. Set teacher.revision "
               f"if the teacher reports nothing of its weights", file=sys.stderr)
+
+
+def of_teacher(teacher: TeacherSection) -> str:
+    return f" of teacher {teacher.name}" if teacher.name else ""
 
 
 def resume_seed(ledger_samples: int, gen: GenerateSection) -> int | None:

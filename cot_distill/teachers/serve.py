@@ -375,7 +375,8 @@ def maybe_launch(teacher: TeacherSection, sampling: SamplingSection, log_dir: st
         yield teacher.base_urls, None
         return
     check_cpu_sampling(sampling)
-    log_path = Path(log_dir) / "vllm-server.log"
+    # one log per teacher of `teachers:`, so the second's start does not overwrite the first's log
+    log_path = Path(log_dir) / (f"vllm-server-{teacher.name}.log" if teacher.name else "vllm-server.log")
     with running_server(launch, teacher.model, log_path, slot, seed) as server:
         yield server.base_urls, server
 
