@@ -36,7 +36,7 @@ from cot_distill.config import Recipe, TrainSection
 from cot_distill.config.push import PushSection
 from cot_distill.config.quantize import quantized_dir
 from cot_distill.errors import UserError
-from cot_distill.pipeline import AFTER, TEACHER, trained_students
+from cot_distill.pipeline.students import AFTER, TEACHER, trained_students
 from cot_distill.records import (
     MANIFEST,
     invalidate_manifest,

@@ -15,42 +15,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cot_distill.config import LaunchSection, Recipe, TeacherSection, TrainSection, load_recipe
-from cot_distill.errors import UserError
-from cot_distill.records import content_sha256, read_json, read_manifest, stable_hash, utc_now, write_json_atomic
+from cot_distill.config import Recipe, TeacherSection, TrainSection, load_recipe
+from cot_distill.pipeline.report import StageClock, write_report
+from cot_distill.pipeline.students import (
+    AFTER,
+    BEFORE,
+    DIRECT,
+    QUANTIZED,
+    TEACHER,
+    PipelineError,
+    chain_labels,
+    main_recipe,
+    served_like_teacher,
+    student_model_dir,
+    teacher_recipes,
+    trained_students,
+    untrained_student_dir,
+)
+from cot_distill.records import content_sha256, read_manifest, stable_hash
 from cot_distill.teachers.identity import model_fingerprint
 
 STAGES = ("generate", "curate", "train", "quantize", "eval")
 FINGERPRINT_FILE = ".pipeline-fingerprint"
-TEACHER, BEFORE, AFTER, QUANTIZED = "teacher", "student_before", "student_after", "student_quantized"
-DIRECT = "student_direct"  # chain.compare_direct: the last stage trained on the teacher's own traces
-
-
-class PipelineError(UserError, RuntimeError):
-    pass
+__all__ = ["AFTER", "BEFORE", "DIRECT", "QUANTIZED", "STAGES", "TEACHER", "PipelineError", "StageClock",
+           "chain_labels", "main_recipe", "run_pipeline", "teacher_recipes", "trained_students", "write_report"]
 
 
 def log(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
-
-
-class StageClock:
-    """Seconds per stage of this invocation, and whether the stage was reused, for report.json."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.stages: dict[str, dict[str, Any]] = {}
-
-    def run(self, name: str, stage: Callable[[], Any]) -> Any:
-        started = time.monotonic()
-        result = stage()
-        self.stages[name] = {"seconds": round(time.monotonic() - started, 1)}
-        if result is False:  # reuse_or_run: nothing to do
-            self.stages[name]["reused"] = True
-        return result
-
-    def elapsed(self) -> float:
-        return round(time.monotonic() - self.started, 1)
 
 
 def output_hash(folder: str | Path, name: str) -> str:
@@ -84,97 +76,6 @@ def reuse_or_run(name: str, out_dir: str | Path, fingerprint: str, stage: Callab
     marker.write_text(fingerprint)
     log(f"{name}: done in {time.monotonic() - started:.0f} s")
     return True
-
-
-# ------------------------------------------------------------------------------------------------- students
-
-
-def trained_students(recipe: Recipe) -> dict[str, TrainSection]:
-    """label -> train section, in training order: the main student (with a chain: each stage, the last as the main
-    student, then the direct baseline), then each ablation."""
-    if recipe.train is None:
-        return {}
-    ablations = {f"student_{name}": recipe.ablation_train(name) for name in recipe.ablations}
-    if recipe.chain is None:
-        return {AFTER: recipe.train, **ablations}
-    labels = chain_labels(recipe)
-    chain = {label: recipe.chain_train(index) for index, label in enumerate(labels)}
-    direct = {DIRECT: recipe.direct_train()} if recipe.chain.compare_direct else {}
-    return {**chain, **direct, **ablations}
-
-
-def chain_labels(recipe: Recipe) -> list[str]:
-    """Each chain stage's label: student_<name>, and the last one the main student's."""
-    stages = recipe.chain.stages
-    return [f"student_{stage.name}" for stage in stages[:-1]] + [AFTER]
-
-
-def student_model_dir(train: TrainSection) -> Path:
-    """The folder vLLM can serve: the full model, or with LoRA the merged one."""
-    if train.lora is not None and not train.merge:
-        raise PipelineError("train.lora without train.merge: true leaves only an adapter, which the eval stage "
-                            "cannot serve; set train.merge: true")
-    return train.model_dir()
-
-
-def teacher_recipes(recipe: Recipe) -> dict[str, Recipe]:
-    """label -> the recipe whose teacher and curated traces that student learns from: the recipe itself, or for a
-    chain stage after the first, the recipe with the stage before it as its teacher (served like the recipe's
-    teacher) and that teacher's generate and curate folders under CHAIN.OUTPUT_DIR/NAME/."""
-    students = trained_students(recipe)
-    learns_from = {label: recipe for label in students}
-    if recipe.chain is None:
-        return learns_from
-    labels = chain_labels(recipe)
-    for index in range(1, len(labels)):
-        previous, folder = labels[index - 1], Path(recipe.chain.output_dir) / recipe.chain.stages[index].name
-        teacher = served_like_teacher(student_model_dir(students[previous]), previous, recipe.teacher)
-        learns_from[labels[index]] = recipe.model_copy(update={
-            "teacher": teacher, "teachers": [],
-            "generate": recipe.generate.model_copy(update={"output_dir": str(folder / "generate"), "shard": None}),
-            "curate": recipe.curate.model_copy(update={"output_dir": str(folder / "curate")}),
-        })
-    return learns_from
-
-
-def main_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as the main student sees it: its train section (with a chain, the last stage's) and the teacher and
-    curated traces it learned from (quantize calibrates on those)."""
-    if recipe.chain is None:
-        return recipe
-    return teacher_recipes(recipe)[AFTER].model_copy(update={"train": trained_students(recipe)[AFTER]})
-
-
-def train_from_own_teacher(recipe: Recipe, learns_from: Recipe, label: str, train: TrainSection, clock: StageClock,
-                           slot) -> None:
-    """Train one student. A chain stage's teacher (the stage before it) first writes and curates its traces,
-    served in the slot; generate and curate reuse their folders while that teacher and its settings are the same."""
-    if learns_from is not recipe:
-        name = label.removeprefix("student_")
-        clock.run(f"generate for {name}", lambda: run_generate_stage(learns_from, slot))
-        slot.close()  # training wants the cores
-        clock.run(f"curate for {name}", lambda: run_curate_stage(learns_from))
-    clock.run(f"train {label}", lambda: run_train_stage(learns_from, train, f"train {label}", slot))
-
-
-def untrained_student_dir(train: TrainSection) -> Path | None:
-    """The student as training starts: built from the teacher's layers (made now if train has not run yet), or
-    the local `train.student` folder. None for a hub id: there is no local model to serve."""
-    if train.init_from is None:
-        return Path(train.student) if Path(train.student).is_dir() else None
-    from cot_distill.train.student_init import ensure_student_init, student_init_dir
-
-    return ensure_student_init(train.init_from, student_init_dir(train.output_dir))
-
-
-def served_like_teacher(model_dir: Path, name: str, teacher: TeacherSection) -> TeacherSection:
-    """A local model launched with the teacher's launch settings (dtype, KV cache, eager mode) when it has any."""
-    launch = (teacher.launch or LaunchSection(model_path=str(model_dir))).model_copy(
-        update={"model_path": str(model_dir), "port": 0})
-    return TeacherSection(backend="openai", model=name, launch=launch)
-
-
-# ------------------------------------------------------------------------------------------------- stages
 
 
 def run_generate_stage(recipe: Recipe, slot=None) -> None:
@@ -357,117 +258,16 @@ def with_teacher_context_for_eval(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update=update), "teachers": teachers})
 
 
-# ------------------------------------------------------------------------------------------------- report
-
-
-def model_summary(eval_dir: Path, train: TrainSection | None = None) -> dict[str, Any]:
-    """pass@1 (mean over the benchmarks) and what a reader compares models by, from an eval's results.json."""
-    results = read_json(eval_dir / "results.json")
-    benchmarks = results["benchmarks"]
-
-    def mean(key: str) -> float:
-        return round(sum(metrics[key] for metrics in benchmarks.values()) / len(benchmarks), 4)
-
-    model = results["model"]
-    summary = {
-        "pass@1": mean("pass_at_1"),
-        "maj@k": mean("maj_at_k"),
-        "stop_rate": round(1 - mean("truncation_rate"), 4),  # finish_reason "stop": the model ended its answer
-        "mean_completion_tokens": mean("mean_completion_tokens"),
-        "parameters": model.get("parameters"),
-        "layers": model.get("layers"),
-        "path": model.get("path"),
-        "benchmarks": {name: {"pass@1": metrics["pass_at_1"], "pass@1_stderr": metrics["pass_at_1_stderr"],
-                              "pass@k": metrics["pass_at_k"], "problems": metrics["problems"],
-                              "samples_per_problem": metrics["samples_per_problem"]}
-                       for name, metrics in benchmarks.items()},
-        "eval_dir": str(eval_dir),
-    }
-    if train is not None:
-        summary["method"] = train.method
-        summary["train_dir"] = train.output_dir
-    return summary
-
-
-def write_report(recipe: Recipe, folders: dict[str, Path], compare_dir: Path | None, clock: StageClock,
-                 comparison: dict[str, Any] | None = None) -> Path:
-    students = trained_students(recipe)
-    models = {label: model_summary(folder, students.get(label)) for label, folder in folders.items()}
-    report: dict[str, Any] = {"recipe": recipe.name, "created_at": utc_now(), **models}
-    teacher, after = models.get(TEACHER), models.get(AFTER)
-    if teacher is not None and after is not None:
-        report["retention"] = round(after["pass@1"] / teacher["pass@1"], 4) if teacher["pass@1"] else None
-        report.update(retention_uncertainty(comparison, folders[AFTER]))
-        report.update({"teacher_params": teacher["parameters"], "student_params": after["parameters"],
-                       "teacher_layers": teacher["layers"], "student_layers": after["layers"]})
-    if QUANTIZED in folders and AFTER in folders:
-        report["quantized"] = quantized_summary(folders[QUANTIZED], folders[AFTER], folders.get(TEACHER),
-                                                recipe.quantize.scheme)
-    chain = chain_labels(recipe) + [DIRECT] if recipe.chain is not None else []
-    if chain:
-        report["chain"] = chain_summary(recipe, models, clock)
-    report["ablations"] = [label for label in models if label not in (TEACHER, BEFORE, AFTER, QUANTIZED, *chain)]
-    report["compare_dir"] = str(compare_dir) if compare_dir else None
-    report["wall_seconds"] = clock.elapsed()  # of this invocation: a rerun that reuses stages is short
-    report["stages"] = clock.stages
-    path = recipe.report_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, report)
-    return path
-
-
-def chain_summary(recipe: Recipe, models: dict[str, dict[str, Any]], clock: StageClock) -> dict[str, Any]:
-    """The chain in order (teacher, each stage, and the direct baseline) with each student's pass@1, layers and the
-    seconds this invocation spent making it (its teacher's generate and curate, and its training)."""
-    labels = chain_labels(recipe) + ([DIRECT] if recipe.chain.compare_direct else [])
-
-    def seconds(label: str) -> float:
+def train_from_own_teacher(recipe: Recipe, learns_from: Recipe, label: str, train: TrainSection, clock: StageClock,
+                           slot) -> None:
+    """Train one student. A chain stage's teacher (the stage before it) first writes and curates its traces,
+    served in the slot; generate and curate reuse their folders while that teacher and its settings are the same."""
+    if learns_from is not recipe:
         name = label.removeprefix("student_")
-        return round(sum(clock.stages.get(stage, {}).get("seconds", 0)
-                         for stage in (f"generate for {name}", f"curate for {name}", f"train {label}")), 1)
-
-    return {"order": [TEACHER, *chain_labels(recipe)], "direct": DIRECT if recipe.chain.compare_direct else None,
-            "students": {label: {"pass@1": models[label]["pass@1"] if label in models else None,
-                                 "layers": models[label]["layers"] if label in models else None,
-                                 "seconds_this_run": seconds(label)} for label in labels}}
-
-
-def quantized_summary(quantized: Path, float_student: Path, teacher: Path | None, scheme: str) -> dict[str, Any]:
-    """The quantized student against the float student it came from and against the teacher: retention with its
-    standard error per benchmark (compare's paired bootstrap), and size on disk and single-request tokens/s as
-    ratios to the float student's."""
-    from cot_distill.evaluate.compare import retention_between
-
-    mine, theirs = (read_json(folder / "results.json")["model"] for folder in (quantized, float_student))
-
-    def ratio(first: Any, second: Any) -> float | None:
-        return round(first / second, 3) if first and second else None
-
-    return {
-        "scheme": scheme,
-        "vs_float_student": retention_between(quantized, float_student),
-        "vs_teacher": retention_between(quantized, teacher) if teacher is not None else None,
-        "size_on_disk_ratio": ratio(mine.get("size_on_disk_bytes"), theirs.get("size_on_disk_bytes")),
-        "single_tokens_per_s_ratio": ratio((mine.get("single_request") or {}).get("tokens_per_s"),
-                                           (theirs.get("single_request") or {}).get("tokens_per_s")),
-    }
-
-
-def retention_uncertainty(comparison: dict[str, Any] | None, student_folder: Path) -> dict[str, Any]:
-    """The trained student's retention per benchmark with its standard error, from compare's rows; with one
-    benchmark its error is also `retention_se` (as a ratio, like `retention`): one run's 1.00 can be +-0.15."""
-    if comparison is None:
-        return {}
-    label = next(name for name, folder in comparison["folders"].items() if Path(folder) == student_folder)
-    by_benchmark = {row["benchmark"]: {"retention": None if row["retention_percent"] is None
-                                       else round(row["retention_percent"] / 100, 4),
-                                       "se": None if row["retention_se_percent"] is None
-                                       else round(row["retention_se_percent"] / 100, 4),
-                                       "method": row["retention_se_method"]}
-                    for row in comparison["rows"] if row["model"] == label}
-    single = next(iter(by_benchmark.values())) if len(by_benchmark) == 1 else {}
-    return {"retention_se": single.get("se"), "retention_se_method": single.get("method"),
-            "retention_by_benchmark": by_benchmark}
+        clock.run(f"generate for {name}", lambda: run_generate_stage(learns_from, slot))
+        slot.close()  # training wants the cores
+        clock.run(f"curate for {name}", lambda: run_curate_stage(learns_from))
+    clock.run(f"train {label}", lambda: run_train_stage(learns_from, train, f"train {label}", slot))
 
 
 # ------------------------------------------------------------------------------------------------- the run
