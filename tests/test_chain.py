@@ -57,6 +57,14 @@ def test_a_stage_may_name_its_own_kd_teacher():
     assert recipe.chain_train(1).kd.teacher == "smollm2-135m" and recipe.chain_train(1).kd.alpha == 0.2
 
 
+def test_cot_distill_train_refuses_a_chain_whose_stages_only_run_can_train():
+    from cot_distill import train
+    from cot_distill.train import TrainError
+
+    with pytest.raises(TrainError, match="chain=null"):
+        train.run(chain_recipe())
+
+
 def test_chain_errors_name_the_stage_and_key(tmp_path):
     def load(chain: dict, **doc):
         path = tmp_path / "r.yaml"

@@ -34,12 +34,12 @@ def recipe_with_external_data(tmp_path: Path) -> Path:
 def test_new_content_behind_the_same_paths_retrains(tmp_path, monkeypatch):
     runs = []
 
-    def recorded_run(recipe):
-        runs.append(recipe.train.dataset)
-        write_manifest(recipe.train.output_dir, stage="train", recipe={}, counts={}, files=[])
-        return Path(recipe.train.output_dir)
+    def recorded_run(train, snapshot):
+        runs.append(train.dataset)
+        write_manifest(train.output_dir, stage="train", recipe={}, counts={}, files=[])
+        return Path(train.output_dir)
 
-    monkeypatch.setattr(train_stage, "run", recorded_run)
+    monkeypatch.setattr(train_stage, "run_train", recorded_run)
     recipe_path = recipe_with_external_data(tmp_path)
     assert run_train_stage(load_recipe(recipe_path)) is True
     assert run_train_stage(load_recipe(recipe_path)) is False  # same inputs: reused

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cot_distill.config import Recipe, TeacherSection, TrainSection, load_recipe
+from cot_distill.config import Recipe, TeacherSection, TrainSection, load_recipe, recipe_snapshot
 from cot_distill.pipeline.report import StageClock, write_report
 from cot_distill.pipeline.students import (
     AFTER,
@@ -116,8 +116,9 @@ def run_train_stage(recipe: Recipe, train: TrainSection | None = None, label: st
     fingerprint = stable_hash([train.model_dump(mode="json"), inputs, student_weights(train)])
 
     def train_now() -> Path:
-        snapshot_recipe = recipe.model_copy(update={"train": with_served_teacher(recipe, train, slot)})
-        return train_stage.run(snapshot_recipe)
+        served = with_served_teacher(recipe, train, slot)
+        # run_train, not train.run: a chain stage's section is the one to train (train.run refuses chains)
+        return train_stage.run_train(served, recipe_snapshot(recipe.model_copy(update={"train": served})))
 
     return reuse_or_run(label, train.output_dir, fingerprint, train_now)
 

@@ -243,6 +243,10 @@ def run(recipe: Recipe, *, slot=None) -> Path:
 
     if recipe.train is None:
         raise TrainError("the recipe has no train section")
+    if recipe.chain is not None:  # the train section alone is none of the chain's students
+        raise TrainError("the recipe has a chain: its stages train with `cot-distill run` (each stage after the first "
+                         "learns from traces the stage before it writes, served); to train the train section alone, "
+                         "add --set chain=null")
     cfg = recipe.train
     if cfg.dataset is None:
         cfg = cfg.model_copy(update={"dataset": str(Path(recipe.curate.output_dir) / DATASET_DIR)})
