@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cot_distill.errors import UserError
+from cot_distill.records import DurableAppender
 
 LOGPROBS_FILE = "logprobs.bin"
 MAGIC, VERSION = b"CDLP", 1
@@ -77,15 +78,11 @@ def key_bytes(request_key: str) -> bytes:
     return bytes.fromhex(request_key[:32])  # the ledger's compact key (generate.ledger.compact_key)
 
 
-class LogprobWriter:
+class LogprobWriter(DurableAppender):
     """Appends records to logprobs.bin. Reopening cuts a torn last record off; fsync every `fsync_every`."""
 
     def __init__(self, path: str | Path, fsync_every: int = 64):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.repaired_bytes = repair_torn_tail(self.path)
-        self._handle = open(self.path, "ab")
-        self._fsync_every, self._unsynced = fsync_every, 0
+        super().__init__(path, repair_torn_tail, binary=True, fsync_every=fsync_every)
 
     def append(self, request_key: str, record: TokenLogprobs) -> dict[str, Any]:
         """Write one record (a single write, flushed) and return its link for the ledger row."""
@@ -95,27 +92,9 @@ class LogprobWriter:
         offset = self._handle.tell()
         self._handle.write(header + payload)
         self._handle.flush()  # in the OS before the ledger row that points here is written: kill -9 safe
-        self._unsynced += 1
-        if self._unsynced >= self._fsync_every:
-            self.sync()
+        self._written()
         return {"file": str(self.path), "offset": offset, "bytes": HEADER.size + len(payload),
                 "tokens": len(record.token_ids), "k": record.k}
-
-    def sync(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._unsynced = 0
-
-    def close(self) -> None:
-        if not self._handle.closed:
-            self.sync()
-            self._handle.close()
-
-    def __enter__(self) -> "LogprobWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def iter_headers(path: str | Path) -> Iterator[tuple[int, int, int, bytes]]:

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jsonlines
 from pydantic import BaseModel, ConfigDict
@@ -168,21 +168,20 @@ class _OneWritePerLine:
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
-class JsonlWriter:
-    """Append-only JSONL writer: one line per record, flushed at once, fsynced every `fsync_every` lines."""
+class DurableAppender:
+    """An append-only file that survives kill -9: reopening cuts a torn tail off (`repair(path) -> bytes cut`), every
+    record is flushed to the OS as it is written, and fsynced every `fsync_every` records and on close. The
+    ledger (JsonlWriter) and the logprob store (logprob_store.LogprobWriter) differ only in their record format."""
 
-    def __init__(self, path: str | Path, fsync_every: int = 64):
+    def __init__(self, path: str | Path, repair: Callable[[Path], int], *, binary: bool, fsync_every: int = 64):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.repaired_bytes = repair_torn_tail(self.path)
-        self._handle = open(self.path, "a", encoding="utf-8")
-        self._writer = jsonlines.Writer(_OneWritePerLine(self._handle), dumps=_dumps, flush=True)
-        self._fsync_every = fsync_every
-        self._unsynced = 0
+        self.repaired_bytes = repair(self.path)
+        self._handle = open(self.path, "ab") if binary else open(self.path, "a", encoding="utf-8")
+        self._fsync_every, self._unsynced = fsync_every, 0
 
-    def write(self, record: BaseModel | dict[str, Any]) -> None:
-        data = record.model_dump() if isinstance(record, BaseModel) else record
-        self._writer.write(data)  # one handle.write(line + "\n") and a flush, through _OneWritePerLine
+    def _written(self) -> None:
+        """Count one record written (and flushed): fsync once `fsync_every` have gathered."""
         self._unsynced += 1
         if self._unsynced >= self._fsync_every:
             self.sync()
@@ -193,17 +192,30 @@ class JsonlWriter:
         self._unsynced = 0
 
     def close(self) -> None:
-        # The jsonlines.Writer is left open on purpose: it owns nothing (the handle is ours), and a write() after
-        # close() then fails as before, with the closed file's ValueError rather than jsonlines' RuntimeError.
         if not self._handle.closed:
             self.sync()
             self._handle.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class JsonlWriter(DurableAppender):
+    """Append-only JSONL writer: one line per record, flushed at once, fsynced every `fsync_every` lines."""
+
+    def __init__(self, path: str | Path, fsync_every: int = 64):
+        super().__init__(path, repair_torn_tail, binary=False, fsync_every=fsync_every)
+        # The jsonlines.Writer is never closed: it owns nothing (the handle is ours), and a write() after close()
+        # then fails with the closed file's ValueError rather than jsonlines' RuntimeError.
+        self._writer = jsonlines.Writer(_OneWritePerLine(self._handle), dumps=_dumps, flush=True)
+
+    def write(self, record: BaseModel | dict[str, Any]) -> None:
+        data = record.model_dump() if isinstance(record, BaseModel) else record
+        self._writer.write(data)  # one handle.write(line + "\n") and a flush, through _OneWritePerLine
+        self._written()
 
 
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
