@@ -78,3 +78,14 @@ def test_on_policy_with_a_served_teacher_scores_through_the_server(tmp_path, vll
     # where each step's time went: the student's sampling and the teacher's scoring, in seconds
     assert all(row["generate_s"] > 0 and row["teacher_score_s"] > 0 for row in logs.rows), logs.rows
     assert json.loads((output / "train_config.resolved.json").read_text())["train"]["on_policy"]["served"]
+
+
+def test_the_student_samples_with_vllm_by_default_only_where_there_is_an_accelerator(tmp_path, monkeypatch):
+    from cot_distill.train import setup
+
+    cfg = section(tmp_path, tmp_path / "rows.jsonl", tmp_path / "student", {"teacher": "t"})
+    assert setup.build_distillation_config(cfg).use_vllm is False  # this CPU machine: transformers samples
+    monkeypatch.setattr(setup, "on_accelerator", lambda: True)
+    assert setup.samples_with_vllm(cfg) is True  # vLLM is installed here
+    chosen = cfg.model_copy(update={"sft": {**cfg.sft, "use_vllm": False}})
+    assert setup.samples_with_vllm(chosen) is False  # sft.use_vllm decides

