@@ -26,10 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kd_step_cost import DEMO_LAYERS, WORDS  # noqa: E402  (this folder: the same student and reply words)
+
 MODES = ("sft", "opd_transformers", "opd_vllm")
-DEMO_LAYERS = [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24, 26, 27, 29]
-WORDS = ("we add the first number to the second so the sum is then check carry digit result answer equals "
-         "therefore because next value total").split()
 TEACHER = "smollm2-135m"
 
 
