@@ -122,6 +122,15 @@ def child(mode: str, workdir: Path, args: argparse.Namespace) -> None:
     print("CHILD " + json.dumps({"mode": mode, "s_per_step": per_step, "peak_rss_gb": peak_gb}), flush=True)
 
 
+def run_child(mode: str, command: list[str]) -> dict:
+    """One mode measured in a fresh process (no allocator or compile state carried over): its CHILD line."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("CHILD ")), None)
+    if line is None:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[len("CHILD "):])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -137,11 +146,7 @@ def main(argv=None) -> None:
         for mode in order:
             command = [sys.executable, __file__, "--child", mode, str(workdir), "--warmup", str(args.warmup),
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            line = next((line for line in done.stdout.splitlines() if line.startswith("CHILD ")), None)
-            if line is None:
-                raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(line[len("CHILD "):])
+            result = run_child(mode, command)
             results[mode].append(result)
             print(f"round {round_index + 1} {mode:12s} {result['s_per_step']:.2f} s/step, peak RSS "
                   f"{result['peak_rss_gb']:.2f} GB", flush=True)

@@ -19,14 +19,13 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_step_cost import DEMO_LAYERS, WORDS  # noqa: E402  (this folder: the same student and reply words)
+from kd_step_cost import DEMO_LAYERS, WORDS, run_child  # noqa: E402  (this folder: the same student and reply words)
 
 MODES = ("sft", "opd_transformers", "opd_vllm")
 TEACHER = "smollm2-135m"
@@ -128,11 +127,7 @@ def main(argv=None) -> None:
                 command = [sys.executable, __file__, "--child", mode, str(workdir), server.base_url,
                            "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch-size",
                            str(args.batch_size), "--max-completion-length", str(args.max_completion_length)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                line = next((line for line in done.stdout.splitlines() if line.startswith("CHILD ")), None)
-                if line is None:
-                    raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-                result = json.loads(line[len("CHILD "):])
+                result = run_child(mode, command)
                 results[mode].append(result)
                 parts = [f"{result['s_per_step']:.2f} s/step"]
                 if result["generate_s"] is not None:

@@ -164,6 +164,57 @@ def test_a_stop_string_token_is_dropped_and_its_position_scores_ce_only(tmp_path
         small([{"input_ids": [1, 2, *reply], "labels": labels, **columns}])
 
 
+@pytest.mark.parametrize("served_text, sampled_text", [
+    # "</answer>" is three tokens, the first of them ".</" also holding the reply's last character
+    ("The answer is 5.", "The answer is 5.</answer>"),
+    # stop "\n": the token that completed it, ".\n\n", also holds the reply's last character
+    ("We add 2 and 3. The answer is 5.", "We add 2 and 3. The answer is 5.\n\n"),
+    # "\n\nProblem:" is two whole tokens after the reply
+    ("x = 5", "x = 5\n\nProblem:"),
+])
+def test_a_stop_string_of_several_tokens_is_cut_and_the_reply_keeps_its_text(tmp_path, served_text, sampled_text):
+    """vLLM's text ends before a stop string, and its tokens run through the one that completed it. The reply keeps
+    the recorded tokens that lie inside the text; what a straddling token held of the text is re-tokenized and
+    scored by CE only (no teacher row), so the trained tokens decode to exactly the row's text."""
+    from transformers import AutoTokenizer
+
+    from cot_distill.assets import qwen3_tokenizer_dir
+    from cot_distill.train.recorded import recorded_reply
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    ids = tokenizer(sampled_text, add_special_tokens=False)["input_ids"]
+    k = 2
+    topk = np.stack([np.asarray(ids, np.int32), np.zeros(len(ids), np.int32)], axis=1)
+    logprobs = np.tile(np.log(np.array([0.9, 0.1], dtype=np.float32)), (len(ids), 1))
+    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
+        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk, logprobs))
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": served_text}],
+           "prompt_id": "p", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply, columns = recorded_reply(tokenizer, row, 0, end_of_turn, len(tokenizer))
+    kept = columns["teacher_tokens"]
+    assert 0 < kept < len(ids) and reply[:kept] == ids[:kept]  # the recorded tokens inside the text, as sampled
+    assert reply[-1] == end_of_turn and tokenizer.decode(reply[:-1]) == served_text
+
+
+def test_recorded_tokens_that_are_not_the_text_plus_a_stop_string_stop_training(tmp_path):
+    from transformers import AutoTokenizer
+
+    from cot_distill.assets import qwen3_tokenizer_dir
+    from cot_distill.train.recorded import TrainError, recorded_reply
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    ids = tokenizer("The answer is 6.</answer>", add_special_tokens=False)["input_ids"]
+    topk = np.asarray(ids, np.int32)[:, None]
+    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
+        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk,
+                                                  np.zeros((len(ids), 1), np.float32)))
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 5."}],
+           "prompt_id": "p7", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    with pytest.raises(TrainError, match="row 3 .prompt p7.*first difference at char 14"):
+        recorded_reply(tokenizer, row, 3, tokenizer.convert_tokens_to_ids("<|im_end|>"), len(tokenizer))
+
+
 def test_recording_refuses_a_server_that_splits_the_reasoning_out():
     data = vllm_choice([(7, [(7, -0.1)])], text="answer")
     data["choices"][0]["message"]["reasoning_content"] = "thinking"

@@ -11,7 +11,7 @@ import yaml
 
 from cot_distill.logprob_store import LOGPROBS_FILE, read_logprobs
 from cot_distill.records import iter_jsonl, read_manifest
-from cot_distill.train.recorded import ends_in_stop_string, same_text_as_served
+from cot_distill.train.recorded import cut_at_stop_string, same_text_as_served
 
 from conftest import kill_generate_after, run_cli, write_recipe
 
@@ -71,8 +71,9 @@ def test_every_kept_sample_has_one_record_with_one_row_per_completion_token(reco
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
         # A trace cut inside a multi-byte character: vLLM holds the partial character back, with the rest of its
         # token (" \ufffd" decoded, nothing served): training's own rules accept both (train/recorded.py).
-        assert (same_text_as_served(decoded, row["text"]) == row["text"]
-                or ends_in_stop_string(tokenizer, ids, decoded, row["text"])), (decoded[-40:], row["text"][-40:])
+        served_as_is = same_text_as_served(decoded, row["text"]) == row["text"]
+        assert served_as_is or cut_at_stop_string(tokenizer, ids, decoded, row["text"]) is not None, \
+            (decoded[-40:], row["text"][-40:])
         offsets.add(link["offset"])
     assert len(offsets) == 60
 

