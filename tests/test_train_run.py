@@ -231,6 +231,26 @@ def test_fingerprint_parts_name_what_changed(tmp_path):
     assert changed(sft={**TWO_STEPS, "learning_rate": 5e-4}) == ["student", "config: sft.learning_rate", "data"]
 
 
+def test_a_served_teachers_new_address_keeps_the_checkpoints_but_another_teacher_does_not(tmp_path):
+    """`cot-distill run` serves the on_policy teacher on a new port each time: a rerun resumes its checkpoints."""
+    from cot_distill.train import fingerprint_changes, inputs_fingerprint
+
+    student = make_tiny_student(tmp_path / "student")
+    data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)
+    served = {"base_url": "http://127.0.0.1:8000/v1", "model": "teacher", "top_k": 5}
+    base = TrainSection.model_validate({"student": str(student), "dataset": str(data), "method": "on_policy",
+                                        "output_dir": str(tmp_path / "out"), "on_policy": {"served": served}})
+    before = inputs_fingerprint(base, str(student))
+
+    def changed(**update):
+        section = base.model_copy(update={"on_policy": base.on_policy.model_copy(
+            update={"served": base.on_policy.served.model_copy(update=update)})})
+        return fingerprint_changes(before, inputs_fingerprint(section, str(student)))
+
+    assert changed(base_url="http://127.0.0.1:41234/v1", timeout_s=30, api_key_env="KEY") == []
+    assert changed(model="another-teacher", top_k=20) == ["config: on_policy.served.model, on_policy.served.top_k"]
+
+
 def test_changed_learning_rate_trains_fresh_and_keeps_the_old_checkpoint(tmp_path, capsys):
     student = make_tiny_student(tmp_path / "student")
     data = write_toy_dataset(tmp_path / "data.jsonl", copies=2)  # 4 rows: one step per epoch

@@ -29,6 +29,9 @@ STALE_CHECKPOINTS = "stale-checkpoints"  # OUTPUT_DIR/stale-checkpoints/: checkp
 # switch itself, and what is applied after the last step (merging, the dtype the final model is saved in); the
 # student and the data are their own parts (by content, not path; an init_from student by its settings).
 _NOT_TRAINING_INPUTS = {"output_dir", "resume", "merge", "save_dtype", "student", "init_from", "dataset"}
+# A served on_policy teacher is who it is by its model name and top_k: `cot-distill run` serves it on a new port
+# each time, and a resumed run must not throw its checkpoints away over that.
+_NOT_TRAINING_SERVED_KEYS = {"base_url", "timeout_s", "api_key_env"}
 _NOT_TRAINING_SFT_KEYS = {"logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "save_steps",
                           "save_strategy", "save_total_limit", "report_to", "run_name", "disable_tqdm"}
 # The files of a local student that decide what is trained: architecture, weights, tokenizer.
@@ -264,6 +267,10 @@ def inputs_fingerprint(cfg: TrainSection, student_path: str) -> dict[str, Any]:
     changed, and a digest of all three."""
     config = cfg.model_dump(mode="json", exclude=_NOT_TRAINING_INPUTS)
     config["sft"] = {key: value for key, value in config["sft"].items() if key not in _NOT_TRAINING_SFT_KEYS}
+    served = (config.get("on_policy") or {}).get("served")
+    if served is not None:
+        config["on_policy"]["served"] = {key: value for key, value in served.items()
+                                         if key not in _NOT_TRAINING_SERVED_KEYS}
     parts = {"student": student_fingerprint(cfg, student_path), "data": data_fingerprint(cfg.dataset),
              "config": config}
     return {"digest": stable_hash(parts), **parts}
