@@ -89,3 +89,46 @@ def test_the_student_samples_with_vllm_by_default_only_where_there_is_an_acceler
     assert setup.samples_with_vllm(cfg) is True  # vLLM is installed here
     chosen = cfg.model_copy(update={"sft": {**cfg.sft, "use_vllm": False}})
     assert setup.samples_with_vllm(chosen) is False  # sft.use_vllm decides
+
+
+def test_the_served_scorer_retries_a_cut_body_and_a_broken_reply_then_scores(tmp_path):
+    """A teacher server that restarts or sheds load cuts a response mid-body, or answers 200 with a broken body: both
+    are retried like a 5xx (they ended the run with a raw traceback). A stand-in server: a real one cannot fail on
+    cue."""
+    import http.server
+    import threading
+
+    from cot_distill.config.train import ServedTeacher
+    from cot_distill.train.on_policy import ServedTeacherScorer
+
+    prompt, completion = [11, 12], [13, 14]
+    positions = [None, {"12": {"logprob": -0.5}}, {"13": {"logprob": -0.1}, "7": {"logprob": -2.5}},
+                 {"14": {"logprob": -0.2}}]
+    replies = [b"cut", b"{not json", json.dumps({"choices": [{"prompt_logprobs": positions}]}).encode()]
+
+    class Teacher(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = replies.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(1000 if body == b"cut" else len(body)))  # "cut": fewer bytes
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served = ServedTeacher(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="t", top_k=1)
+        scorer = ServedTeacherScorer(served)
+        (ids, logprobs), = scorer.score([prompt], [completion])
+    finally:
+        server.shutdown()
+    assert scorer.requests == 3 and replies == []
+    assert ids.tolist() == [[13, 7], [14, 0]]
+    assert logprobs[0].tolist() == pytest.approx([-0.1, -2.5]) and logprobs[1, 0] == pytest.approx(-0.2)
+    assert logprobs[1, 1] == float("-inf")

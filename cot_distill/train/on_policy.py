@@ -18,6 +18,7 @@ mode; the default where there is an accelerator and vLLM) or with transformers (
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
 import random
@@ -29,12 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 from trl import DistillationTrainer
 
 from cot_distill.config.train import ServedTeacher
 from cot_distill.kd import chunked_sparse_distillation_sums
 from cot_distill.train.masking import TrainError
+
+# How long a scoring request is retried: a teacher server that restarts (vLLM's start takes minutes) or sheds load
+# must not end an on-policy run of hours.
+SCORING_RETRY_WINDOW_S = 300
 
 
 class TeacherUnavailable(TrainError):
@@ -75,8 +80,8 @@ class ServedTeacherScorer:
                 ids[row, column], logprobs[row, column] = int(token), float(entry["logprob"])
         return ids, logprobs
 
-    @retry(retry=retry_if_exception_type(TeacherUnavailable), stop=stop_after_attempt(6),
-           wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+    @retry(retry=retry_if_exception_type(TeacherUnavailable), stop=stop_after_delay(SCORING_RETRY_WINDOW_S),
+           wait=wait_exponential(multiplier=0.5, max=15), reraise=True)
     def prompt_logprobs(self, token_ids: list[int]) -> list[dict | None]:
         body = {"model": self.served.model, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": self.served.top_k}
@@ -92,8 +97,10 @@ class ServedTeacherScorer:
                 raise TeacherUnavailable(f"HTTP {error.code}") from None
             raise TrainError(f"the served teacher at {self.served.base_url} refused a scoring request: HTTP "
                              f"{error.code}: {error.read()[:300].decode('utf-8', 'replace')}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            raise TeacherUnavailable(str(error)) from None
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            # URLError, timeouts, resets, a connection cut mid-body (IncompleteRead), a 200 with a broken body
+            # (JSONDecodeError): a restarting or overloaded server, retried like a 5xx.
+            raise TeacherUnavailable(f"{type(error).__name__}: {error}") from None
         positions = (data.get("choices") or [{}])[0].get("prompt_logprobs")
         if not isinstance(positions, list) or len(positions) != len(token_ids):
             raise TrainError(f"the served teacher at {self.served.base_url} returned no prompt_logprobs for the "
