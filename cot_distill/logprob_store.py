@@ -163,6 +163,10 @@ def read_token_ids(link: dict[str, Any], request_key: str | None = None) -> np.n
     try:
         with open(link["file"], "rb") as handle:
             n, _, _ = _read_header(handle, link, request_key)
-            return np.frombuffer(handle.read(n * ID_DTYPE.itemsize), dtype=ID_DTYPE)
+            raw = handle.read(n * ID_DTYPE.itemsize)
     except OSError as exc:
         raise LogprobStoreError(f"cannot read recorded logprobs {link.get('file')}: {exc.strerror}") from None
+    if len(raw) != n * ID_DTYPE.itemsize:  # the checksum covers more than is read here: check the length at least
+        raise LogprobStoreError(f"{link['file']} at offset {link['offset']}: the file ends inside the record "
+                                f"(was it truncated or copied in part?)")
+    return np.frombuffer(raw, dtype=ID_DTYPE)

@@ -78,6 +78,11 @@ def test_a_link_to_another_request_or_damaged_bytes_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(LogprobStoreError, match="checksum"):
         read_logprobs(link, KEY_A)
+    for cut in (HEADER.size + 7, HEADER.size + 8):  # a copy cut inside the token ids, mid-id or between two
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+        with pytest.raises(LogprobStoreError, match="ends inside the record"):
+            read_token_ids(link, KEY_A)
 
 
 def vllm_choice(entries: list[tuple[int, list[tuple[int, float]]]], text: str = "x") -> dict:
