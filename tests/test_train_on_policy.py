@@ -132,3 +132,26 @@ def test_the_served_scorer_retries_a_cut_body_and_a_broken_reply_then_scores(tmp
     assert ids.tolist() == [[13, 7], [14, 0]]
     assert logprobs[0].tolist() == pytest.approx([-0.1, -2.5]) and logprobs[1, 0] == pytest.approx(-0.2)
     assert logprobs[1, 1] == float("-inf")
+
+
+def test_vllm_sampling_stops_on_the_trained_stop_tokens_and_refuses_tokens_its_folder_lacks(tmp_path):
+    """TRL starts vLLM from the student's folder with no stop ids of its own: ours are added to its sampling
+    parameters (a user's stop ids kept), and a student whose vocabulary grew in memory is refused before vLLM loads
+    the folder without those rows."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from cot_distill.train.masking import TrainError
+    from cot_distill.train.on_policy import refuse_vocabulary_vllm_cannot_load, stop_with_trained_tokens
+
+    generation = SimpleNamespace(generation_kwargs={"stop_token_ids": [7], "top_k": 5})
+    stop_with_trained_tokens(generation, [2, 7, 9])
+    assert generation.generation_kwargs == {"stop_token_ids": [7, 2, 9], "top_k": 5}
+
+    folder = make_tiny_student(tmp_path / "student")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    refuse_vocabulary_vllm_cannot_load(model)  # the folder's vocabulary: vLLM loads the same rows
+    model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 2)
+    with pytest.raises(TrainError, match="sft.use_vllm: false"):
+        refuse_vocabulary_vllm_cannot_load(model)

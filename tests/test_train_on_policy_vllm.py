@@ -54,6 +54,9 @@ def child(folder: Path) -> None:
                 "vllm_max_model_length": 256}})
     output = T.run_train(cfg, {"train": cfg.model_dump(mode="json")})
     (generation,) = generations
+    # vLLM stops on the tokens the student is trained to end on, not only on its folder's generation_config
+    end_of_turn = AutoTokenizer.from_pretrained(output).convert_tokens_to_ids("<|im_end|>")
+    stop_token_ids = generation.generation_kwargs.get("stop_token_ids") or []
     generation.sync_weights()  # the final weights (each step synced the weights before its own update)
     ids = AutoTokenizer.from_pretrained(output)(SEQUENCE)["input_ids"]
     scored = generation.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
@@ -66,6 +69,7 @@ def child(folder: Path) -> None:
 
     print("RESULT " + json.dumps({"vllm_vs_trained": gap(from_vllm, trained), "vllm_vs_initial": gap(from_vllm, initial),
                                   "trained_vs_initial": gap(trained, initial),
+                                  "stops_on_end_of_turn": end_of_turn in stop_token_ids,
                                   "steps": read_manifest(output)["counts"]["global_step"]}), flush=True)
 
 
@@ -76,7 +80,7 @@ def test_vllm_colocated_generation_samples_from_the_weights_being_trained(tmp_pa
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     assert done.returncode == 0 and line, done.stderr[-4000:]
     result = json.loads(line.removeprefix("RESULT "))
-    assert result["steps"] == 3
+    assert result["steps"] == 3 and result["stops_on_end_of_turn"], result
     # training moved the weights, and vLLM holds the moved ones: its log-probabilities are the trained student's
     assert result["trained_vs_initial"] > 0.5, result
     assert result["vllm_vs_trained"] < 0.1 * result["trained_vs_initial"], result

@@ -116,6 +116,8 @@ class OnPolicyTrainer(DistillationTrainer):
                  kl: str = "reverse", chunk_tokens: int = 1024, **kwargs):
         from cot_distill.teachers.serve import is_vllm_cpu
 
+        if kwargs["args"].use_vllm:
+            refuse_vocabulary_vllm_cannot_load(kwargs["model"])
         if kwargs["args"].use_vllm and is_vllm_cpu():
             # vllm-cpu reads vllm_gpu_memory_utilization (TRL's default 0.3) as the share of the machine's RAM to
             # hold for its KV cache unless VLLM_CPU_KVCACHE_SPACE (GiB) is set: 1 GiB, as our servers take, holds
@@ -123,7 +125,10 @@ class OnPolicyTrainer(DistillationTrainer):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         super().__init__(*args, **kwargs)
         self.share, self.scorer, self.kl, self.chunk_tokens = share, scorer, kl, chunk_tokens
-        colocated = getattr(self, "vllm_generation", None) is not None and self.vllm_generation.mode == "colocate"
+        generation = getattr(self, "vllm_generation", None)
+        if generation is not None:
+            stop_with_trained_tokens(generation, self.eos_token_ids)
+        colocated = generation is not None and generation.mode == "colocate"
         if colocated and is_vllm_cpu():  # elsewhere TRL's own sync, as TRL tests it
             reload_in_kernel_layout(self.vllm_generation)
         self._share_rng = random.Random(self.args.seed)
@@ -183,6 +188,31 @@ class OnPolicyTrainer(DistillationTrainer):
         self._metrics[mode]["teacher_score_s"].append(scoring_s)
         # TRL logs the student's entropy from these; it is not computed on this path, so report it as absent (NaN).
         return loss, torch.tensor(float("nan"), device=hidden.device), sums.count
+
+
+def refuse_vocabulary_vllm_cannot_load(model) -> None:
+    """TRL starts vLLM from the student's folder, so tokens added in memory (the ChatML fallback's <|im_start|> and
+    <|im_end|>, setup.ensure_chatml_tokens) are not in vLLM's copy: its weight sync would fail on the embedding's
+    shape after the first step, or its samples would never hold the new tokens."""
+    from transformers import AutoConfig
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    saved = AutoConfig.from_pretrained(model.name_or_path).get_text_config().vocab_size
+    if saved != rows:
+        raise TrainError(f"on_policy with sft.use_vllm: the student has {rows} token embeddings and its folder "
+                         f"{model.name_or_path} has {saved} (tokens added for the chat template), and vLLM loads "
+                         f"the folder. Set sft.use_vllm: false, or train.chat_template to one of the student's own "
+                         f"tokens, or save the student with those tokens first (an sft run does)")
+
+
+def stop_with_trained_tokens(generation, stop_ids: list[int]) -> None:
+    """vLLM samples until the stop tokens the student is trained to emit (set_stop_tokens: the end-of-turn token and
+    the tokenizer's EOS). TRL starts vLLM from the student's folder and passes no stop ids, so vLLM would stop on the
+    folder's generation_config alone: a base student whose file names only <|endoftext|> would sample past every
+    <|im_end|> to max_completion_length and be trained on that tail. TRL's transformers sampling already stops on
+    these ids; sft.generation_kwargs' own stop_token_ids are kept."""
+    kwargs = generation.generation_kwargs
+    kwargs["stop_token_ids"] = list(dict.fromkeys([*(kwargs.get("stop_token_ids") or []), *stop_ids]))
 
 
 def reload_in_kernel_layout(generation) -> None:
