@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_train_support import make_tiny_student, write_toy_dataset
+from test_train_support import make_tiny_student, small_tokenizer_dir, write_toy_dataset
 from transformers import TrainerCallback
 
 from cot_distill import train as T
@@ -155,3 +155,23 @@ def test_vllm_sampling_stops_on_the_trained_stop_tokens_and_refuses_tokens_its_f
     model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 2)
     with pytest.raises(TrainError, match="sft.use_vllm: false"):
         refuse_vocabulary_vllm_cannot_load(model)
+
+
+def test_a_served_teacher_of_another_tokenizer_is_refused_before_training(vllm_server, tiny_model_dir, caplog):
+    """The teacher reads the student's ids as its own: vLLM's /tokenize must split a probe text as the student does.
+    The small tokenizer's 320 ids all fit the tiny teacher's vocabulary, so the id range alone would not tell."""
+    from transformers import AutoTokenizer
+
+    from cot_distill.config.train import ServedTeacher
+    from cot_distill.train.masking import TrainError
+    from cot_distill.train.on_policy import ServedTeacherScorer
+
+    scorer = ServedTeacherScorer(ServedTeacher(base_url=vllm_server.base_url, model=SERVED_NAME, top_k=5))
+    scorer.check_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))  # the teacher's own: no error
+    with pytest.raises(TrainError, match="other token ids than the student's tokenizer"):
+        scorer.check_tokenizer(AutoTokenizer.from_pretrained(small_tokenizer_dir()))
+    # an OpenAI-compatible server without /tokenize: said in the log, not checked
+    with FaultProxy(vllm_server.base_url, FaultPlan()) as proxy:
+        ServedTeacherScorer(ServedTeacher(base_url=proxy.base_url, model=SERVED_NAME)).check_tokenizer(
+            AutoTokenizer.from_pretrained(small_tokenizer_dir()))
+    assert "could not compare the teacher's tokenizer" in caplog.text

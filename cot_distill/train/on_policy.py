@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import logging
 import os
 import random
 import threading
@@ -42,6 +43,13 @@ from cot_distill.train.masking import TrainError
 SCORING_RETRY_WINDOW_S = 300
 
 
+# Split by the served teacher and by the student's tokenizer, which must agree: digits, operators, a think tag,
+# spacing and characters outside ASCII, where tokenizers of different families part ways.
+TOKENIZER_PROBE = ("Solve 12 × 34 step by step.\n<think>12 × 34 = 408; naïve check: 400 + 8</think>\n"
+                   "  The answer is $\\boxed{408}$ — done.")
+logger = logging.getLogger(__name__)
+
+
 class TeacherUnavailable(TrainError):
     """A transient failure to reach the served teacher (retried; a TrainError once retries run out)."""
 
@@ -60,6 +68,29 @@ class ServedTeacherScorer:
         self.headers = {"Content-Type": "application/json"}
         if served.api_key_env and os.environ.get(served.api_key_env):
             self.headers["Authorization"] = f"Bearer {os.environ[served.api_key_env]}"
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """The teacher reads the student's token ids as its own, so both must split text the same way: a teacher of
+        another tokenizer whose ids all fit the student's vocabulary (R1's 129k under a Qwen student's 152k) would
+        train on nonsense with no error. Asks vLLM's /tokenize (at the server's root) to split a probe text and
+        compares with the student's tokenizer; a server without /tokenize is warned about and not checked."""
+        root = self.served.base_url.rstrip("/").removesuffix("/v1")
+        body = {"model": self.served.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+        request = urllib.request.Request(f"{root}/tokenize", data=json.dumps(body).encode(), headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.served.timeout_s) as response:
+                served_ids = json.loads(response.read())["tokens"]
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
+            logger.warning("on_policy.served: could not compare the teacher's tokenizer with the student's through "
+                           "%s/tokenize (%s); the teacher must share the student's tokenizer", root, error)
+            return
+        student_ids = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+        if served_ids != student_ids:
+            at = next((i for i, (a, b) in enumerate(zip(served_ids, student_ids)) if a != b),
+                      min(len(served_ids), len(student_ids)))
+            raise TrainError(f"on_policy.served: the teacher at {self.served.base_url} splits text into other token "
+                             f"ids than the student's tokenizer (first difference at token {at}: {served_ids[at:at + 4]} "
+                             f"vs {student_ids[at:at + 4]}); the served teacher must share the student's tokenizer")
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence, (ids, logprobs) arrays of shape (len(completion), K + 1), -inf where padded."""

@@ -209,6 +209,8 @@ def on_policy_trainer(cfg: TrainSection, model, teacher, args, train_dataset, to
     generation needs."""
     on_policy = cfg.on_policy
     scorer = ServedTeacherScorer(on_policy.served) if on_policy.served is not None else None
+    if scorer is not None:
+        scorer.check_tokenizer(tokenizer)  # in seconds, before the trainer (and any vLLM of its own) starts
     tokenizer.padding_side = "left"  # restored once training is over (run_train)
     return OnPolicyTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train_dataset,
                            processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
