@@ -415,3 +415,23 @@ def test_correctness_without_gold_answers_is_an_error(tmp_path):
     recipe = prepare(tmp_path, "data.fields.answer=null")
     with pytest.raises(CurateError, match="no prompt has one"):
         run_curate(recipe)
+
+
+def test_a_recorded_link_points_at_the_store_next_to_its_ledger_wherever_the_folder_moved(tmp_path):
+    """A generate folder copied from the GPU box that made it: its links name that machine's path (or one relative
+    to generate's working folder); curate reads the store beside the ledger it reads."""
+    from cot_distill.curate.run import read_batches
+
+    recipe = load_recipe(make_recipe(tmp_path))
+    moved = tmp_path / "copied-from-gpu-box"
+    moved.mkdir()
+    link = {"file": "/scratch/job-17/runs/generate/logprobs.bin", "offset": 64, "bytes": 96, "tokens": 3, "k": 2}
+    relative = {**link, "file": "runs/generate/logprobs.bin"}
+    (moved / "samples.jsonl").write_text("".join(
+        json.dumps(sample(recipe, "p1", idx, None, "4", logprobs=each)) + "\n"
+        for idx, each in enumerate([link, relative, None])))
+    (batch,) = read_batches([moved / "samples.jsonl"], batch_size=10, tolerate_torn_tail=False)
+    links = [record.logprobs for _, record in batch]
+    assert [each and each["file"] for each in links] == [str(moved / "logprobs.bin")] * 2 + [None]
+    assert {key: links[0][key] for key in ("offset", "bytes", "tokens", "k")} == {
+        "offset": 64, "bytes": 96, "tokens": 3, "k": 2}

@@ -91,11 +91,17 @@ def read_batches(paths: list[Path], batch_size: int, tolerate_torn_tail: bool) -
     for path in paths:
         for line_no, obj in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail):
             try:
-                batch.append((line_no, Sample.model_validate(obj)))
+                sample = Sample.model_validate(obj)
             except ValidationError as exc:
                 error = exc.errors()[0]
                 field = ".".join(str(part) for part in error["loc"]) or "(record)"
                 raise RecordError(f"{path}:{line_no}: {field}: {error['msg']}") from None
+            if sample.logprobs is not None:
+                # generate writes its store next to its ledger, and the link holds the path as generate saw it
+                # (relative to generate's working folder, or on the machine that generated): point it at the
+                # store next to this ledger, wherever the folder now is.
+                sample.logprobs["file"] = str(path.parent / Path(sample.logprobs["file"]).name)
+            batch.append((line_no, sample))
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
