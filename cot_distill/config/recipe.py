@@ -21,12 +21,19 @@ from cot_distill.config.generate import (
     TEACHER_GENERATE_KEYS,
     DataSection,
     GenerateSection,
+    LaunchSection,
     TeacherEntry,
     TeacherSection,
 )
 from cot_distill.config.push import PushSection
 from cot_distill.config.quantize import QuantizeSection
 from cot_distill.config.train import ChainSection, TrainSection
+
+
+def too_many_logprobs(key: str, wanted: int, where: str, launch: LaunchSection) -> str:
+    return (f"{key}: {wanted} log-probabilities per token, and the server {where}.launch starts returns at most "
+            f"{launch.max_logprobs()} (vLLM's --max-logprobs): add \"--max-logprobs\", \"{wanted}\" to "
+            f"{where}.launch.extra_args")
 
 
 class Recipe(Strict):
@@ -92,6 +99,21 @@ class Recipe(Strict):
         unknown = [name for name in self.curate.select.teacher_names() if name not in names]
         if unknown:
             raise ValueError(f"{where}: no teacher named {', '.join(map(repr, unknown))} (teachers: {names})")
+        return self
+
+    @model_validator(mode="after")
+    def _launched_servers_return_enough_logprobs(self) -> "Recipe":
+        """A vLLM server returns at most --max-logprobs (20 unless set) per position: a launched server asked for
+        more would fail every request with a 400, and only once it had started."""
+        for index, (teacher, generate) in enumerate(self.teacher_jobs()):
+            if generate.logprobs and teacher.launch and generate.logprobs > teacher.launch.max_logprobs():
+                where = f"teachers.{index}" if self.teachers else "teacher"
+                raise ValueError(too_many_logprobs("generate.logprobs", generate.logprobs, where, teacher.launch))
+        on_policy = self.train.on_policy if self.train is not None and self.train.method == "on_policy" else None
+        served = on_policy.served if on_policy is not None else None
+        launch = self.teacher.launch
+        if served is not None and served.base_url is None and launch and served.top_k > launch.max_logprobs():
+            raise ValueError(too_many_logprobs("train.on_policy.served.top_k", served.top_k, "teacher", launch))
         return self
 
     def teacher_jobs(self) -> list[tuple[TeacherSection, GenerateSection]]:

@@ -21,6 +21,7 @@ from typing import Iterator, MutableMapping
 
 from cot_distill.assets import resolve_model_path
 from cot_distill.config import LaunchSection, SamplingSection, TeacherSection
+from cot_distill.config.generate import flag_value
 from cot_distill.errors import UserError
 from cot_distill.hardware import cpu_dtype
 
@@ -258,15 +259,6 @@ def replica_env(index: int, replicas: int, extra_args: list[str]) -> dict[str, s
         raise ServerError(f"launch.replicas={replicas} x tensor parallel {tensor_parallel} needs "
                           f"{replicas * tensor_parallel} GPUs; CUDA_VISIBLE_DEVICES has {len(devices)}")
     return {"CUDA_VISIBLE_DEVICES": ",".join(group)}
-
-
-def flag_value(args: list[str], flag: str, default: int) -> int:
-    for position, arg in enumerate(args):
-        if arg == flag and position + 1 < len(args):
-            return int(args[position + 1])
-        if arg.startswith(flag + "="):
-            return int(arg.split("=", 1)[1])
-    return default
 
 
 def server_for(launch: LaunchSection, served_name: str, log_path: str | Path | None = None,
