@@ -8,8 +8,8 @@ mode; the default where there is an accelerator and vLLM) or with transformers (
   vocabulary.
 - A served teacher (on_policy.served): OnPolicyTrainer with a ServedTeacherScorer scores the student's sampled tokens through the
   endpoint's /v1/completions with `prompt_logprobs: K` on prompt + completion (vLLM's raw log-probabilities:
-  temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned: the same loss
-  as kd.teacher: recorded, so any teacher size works. TRL's experimental ServerDistillationTrainer handles reverse
+  temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned: the KL term of
+  kd.teacher: recorded, alone (no CE, no tau^2, as TRL's own loss), so any teacher size works. TRL's experimental ServerDistillationTrainer handles reverse
   KL only at top-1 and needs TRL's own server; this needs any vLLM OpenAI server.
 - on_policy.share: the fraction of batches the student generates; the others train on the dataset's own trace
   (off-policy, GKD's lmbda), which TRL 1.16's DistillationTrainer no longer offers.
