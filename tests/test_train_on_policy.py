@@ -175,3 +175,19 @@ def test_a_served_teacher_of_another_tokenizer_is_refused_before_training(vllm_s
         ServedTeacherScorer(ServedTeacher(base_url=proxy.base_url, model=SERVED_NAME)).check_tokenizer(
             AutoTokenizer.from_pretrained(small_tokenizer_dir()))
     assert "could not compare the teacher's tokenizer" in caplog.text
+
+
+def test_a_served_teacher_refuses_a_student_that_scales_its_logits(tmp_path):
+    """The served path's sparse loss projects hidden states itself, skipping a model's own soft-capping or scaling
+    (TRL's local-teacher loss applies them): refused before the trainer starts, as method: kd refuses it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from cot_distill.train.masking import TrainError
+    from cot_distill.train.on_policy import OnPolicyTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_student(tmp_path / "student"))
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(TrainError, match=r"on_policy.served does not support a student .*final_logit_softcapping"):
+        OnPolicyTrainer(model=model, args=SimpleNamespace(use_vllm=False), scorer=object())

@@ -37,6 +37,7 @@ from trl import DistillationTrainer
 from cot_distill.config.train import ServedTeacher
 from cot_distill.kd import chunked_sparse_distillation_sums
 from cot_distill.train.masking import TrainError
+from cot_distill.train.trainer import refuse_logit_transforms
 
 # How long a scoring request is retried: a teacher server that restarts (vLLM's start takes minutes) or sheds load
 # must not end an on-policy run of hours.
@@ -147,6 +148,8 @@ class OnPolicyTrainer(DistillationTrainer):
                  kl: str = "reverse", chunk_tokens: int = 1024, **kwargs):
         from cot_distill.teachers.serve import is_vllm_cpu
 
+        if scorer is not None:  # TRL's own loss (a local teacher) applies these; the served teacher's does not
+            refuse_logit_transforms(kwargs["model"], "student", "on_policy.served")
         if kwargs["args"].use_vllm:
             refuse_vocabulary_vllm_cannot_load(kwargs["model"])
         if kwargs["args"].use_vllm and is_vllm_cpu():

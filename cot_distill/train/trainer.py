@@ -27,6 +27,15 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
+def refuse_logit_transforms(model, name: str, method: str) -> None:
+    """The chunked distillation heads (kd.py) project hidden states themselves and would skip a model's own logit
+    scaling or soft-capping (Gemma-2, Granite, Falcon-H1...): the distribution trained would not be the model's."""
+    text_config = model.config.get_text_config()
+    transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
+    if transforms:
+        raise TrainError(f"{method} does not support a {name} whose config scales its logits ({transforms})")
+
+
 def add_compact_lm_head(model) -> None:
     """Patch model.forward: `model(..., compact_labels=labels)` returns (summed NLL, number of scored tokens), with
     the LM head applied only to the positions whose next token carries loss, gathered across the batch (prompt and
@@ -105,10 +114,7 @@ class DistillSFTTrainer(SFTTrainer):
                              "aux loss")
         models = [("student", self.model)] + ([("teacher", teacher)] if teacher is not None else [])
         for name, model in models:
-            text_config = model.config.get_text_config()
-            transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
-            if transforms:  # the chunked head projects hidden states itself and would skip them
-                raise TrainError(f"method: kd does not support a {name} whose config scales its logits ({transforms})")
+            refuse_logit_transforms(model, name, "method: kd")
 
     def _place_teacher(self, teacher):
         """Frozen, in eval mode, on the student's device; never seen by the optimizer or DDP. Under DeepSpeed it is
