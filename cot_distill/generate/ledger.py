@@ -6,12 +6,23 @@ request for good) are not resent on reruns unless generate.retry_failed asks for
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from cot_distill.records import Completion, Sample, SampleRequest, Usage, iter_jsonl, repair_torn_tail, utc_now
+from cot_distill.logprob_store import repair_torn_tail as repair_store
+from cot_distill.records import (
+    Completion,
+    JsonlWriter,
+    Sample,
+    SampleRequest,
+    Usage,
+    iter_jsonl,
+    repair_torn_tail,
+    utc_now,
+)
 
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -36,6 +47,7 @@ class LedgerScan:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     other_weights: Counter = field(default_factory=Counter)
+    link_end: int = 0  # where the furthest logprob record a row links to ends (generate.logprobs)
 
 
 def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str,
@@ -49,6 +61,9 @@ def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str
     for _, obj in iter_jsonl(samples_path):
         if obj.get("request_key"):
             scan.keys.add(compact_key(obj["request_key"]))
+        link = obj.get("logprobs")
+        if link:
+            scan.link_end = max(scan.link_end, int(link["offset"]) + int(link["bytes"]))
         usage = obj.get("usage") or {}
         scan.prompt_tokens += usage.get("prompt_tokens", 0)
         scan.completion_tokens += usage.get("completion_tokens", 0)
@@ -59,6 +74,30 @@ def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str
         if made_by is not False:
             scan.other_weights[made_by] += 1
     return scan
+
+
+def drop_samples_whose_records_were_lost(samples_path: Path, store_path: Path, link_end: int) -> int:
+    """Each logprob record reaches the OS before the ledger row that links it, so kill -9 never parts them; a power
+    loss or a node crash can: the OS may have put the ledger's newer pages on disk and not the store's. The store's
+    repair then cuts the lost records off, and their rows would link past its end (or, once new records are
+    appended there, to another sample's). Such rows are taken out of the ledger (rewritten whole, then swapped in),
+    so their requests are sent again. `link_end`: LedgerScan.link_end; nothing is read when the store reaches it.
+    Returns how many rows were taken out."""
+    repair_store(store_path)
+    size = store_path.stat().st_size if store_path.exists() else 0
+    if link_end <= size:
+        return 0
+    kept_path, dropped = samples_path.with_name(samples_path.name + ".rewrite"), 0
+    kept_path.unlink(missing_ok=True)
+    with JsonlWriter(kept_path) as kept:
+        for _, obj in iter_jsonl(samples_path):
+            link = obj.get("logprobs")
+            if link and int(link["offset"]) + int(link["bytes"]) > size:
+                dropped += 1
+            else:
+                kept.write(obj)
+    os.replace(kept_path, samples_path)
+    return dropped
 
 
 def done_keys(samples_path: Path) -> set[str]:

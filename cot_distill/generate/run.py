@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +33,7 @@ from cot_distill.generate.ledger import (
     STATS_FILE,
     LedgerScan,
     compact_key,
+    drop_samples_whose_records_were_lost,
     failure_reasons,
     failure_record,
     make_sample,
@@ -143,9 +144,13 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     invalidate_manifest(out_dir)
     samples_path = out_dir / SAMPLES_FILE
     total = len(requests)
-    scan = scan_ledger(samples_path, identity, template.hash,
-                       [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)],
-                       teacher.name)
+    params_by_index = [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)]
+    scan = scan_ledger(samples_path, identity, template.hash, params_by_index, teacher.name)
+    lost = drop_samples_whose_records_were_lost(samples_path, out_dir / LOGPROBS_FILE, scan.link_end)
+    if lost:
+        print(f"[generate] {lost} samples lost their logprob records (the machine went down before the OS wrote "
+              f"them): taken out of the ledger, they are requested again", file=sys.stderr)
+        scan = scan_ledger(samples_path, identity, template.hash, params_by_index, teacher.name)
     ledger = scan.keys  # every teacher's keys: another teacher's never match this one's requests
     say_what_other_weights_made(samples_path, identity, scan)
     progress = Progress(total, 0, gen.progress_interval_s)
@@ -168,8 +173,10 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
             progress.extras.insert(0, queue.progress_text)
         else:
             queue, verdicts = RequestQueue(job, size_hint=total), None  # an upper bound: the window's worker count
-        with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress:
-            store = stack.enter_context(LogprobWriter(out_dir / LOGPROBS_FILE)) if gen.logprobs else None
+        # The store is entered last so that it is closed (fsynced) first: its records are on disk before the rows
+        # that link them.
+        with JsonlWriter(samples_path) as samples, JsonlWriter(out_dir / FAILURES_FILE) as failures, progress, \
+                (LogprobWriter(out_dir / LOGPROBS_FILE) if gen.logprobs else nullcontext()) as store:
             if budget is not None and budget.reached():
                 queue.stop()
             if queue.exhausted() and not queue.stopped:
