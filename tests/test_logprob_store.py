@@ -106,7 +106,13 @@ def test_ledger_rows_whose_records_a_power_loss_took_are_taken_out_and_the_rest_
     kept = [row for _, row in iter_jsonl(ledger)]
     assert [row["request_key"] for row in kept] == [KEY_A, KEY_B, "d" * 64] and store.stat().st_size == third
     assert read_logprobs(kept[1]["logprobs"], KEY_B).token_ids.tolist() == record(5, 2, seed=1).token_ids.tolist()
+    assert [row["request_key"] for _, row in iter_jsonl(tmp_path / "samples.lost.jsonl")] == [KEY_C]  # kept aside
     assert not (tmp_path / "samples.jsonl.rewrite").exists()
+
+    # A store deleted or never copied is no crash: the ledger stays whole (every sample would be requested again)
+    store.unlink()
+    before = ledger.read_bytes()
+    assert drop_samples_whose_records_were_lost(ledger, store, scan.link_end) == 0 and ledger.read_bytes() == before
 
 
 def vllm_choice(entries: list[tuple[int, list[tuple[int, float]]]], text: str = "x") -> dict:
@@ -224,6 +230,32 @@ def test_a_stop_string_of_several_tokens_is_cut_and_the_reply_keeps_its_text(tmp
     kept = columns["teacher_tokens"]
     assert 0 < kept < len(ids) and reply[:kept] == ids[:kept]  # the recorded tokens inside the text, as sampled
     assert reply[-1] == end_of_turn and tokenizer.decode(reply[:-1]) == served_text
+
+
+def test_a_sentencepiece_tokenizer_keeps_the_reply_when_the_stop_token_held_its_last_character():
+    """A SentencePiece-style tokenizer (Llama-2, Mistral) starts a text tokenized alone with a word-boundary marker
+    (encode(".") is "▁", "."): the rest of the reply is taken from the whole reply's tokenization instead."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cot_distill.train.recorded import cut_at_stop_string
+
+    vocab = {piece: index for index, piece in enumerate(["<unk>", "▁", "T", "h", "e", "a", "n", "s", "w", "r", "i",
+                                                         ".", "\n"])}
+    merges = [("▁", "T"), ("▁T", "h"), ("▁Th", "e"), ("▁", "a"), ("▁a", "n"), ("▁an", "s"), ("▁ans", "w"),
+              ("▁answ", "e"), ("▁answe", "r"), ("▁", "i"), ("▁i", "s"), ("\n", "\n"), (".", "\n\n")]
+    for first, second in merges:
+        vocab.setdefault(first + second, len(vocab))
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(".", add_special_tokens=False)) == ["▁", "."]
+
+    ids = tokenizer.encode("The answer is.\n\n", add_special_tokens=False)  # "▁The", "▁answer", "▁is", ".\n\n"
+    kept, tail = cut_at_stop_string(tokenizer, ids, tokenizer.decode(ids), "The answer is.")
+    assert kept == ids[:3] and tokenizer.convert_ids_to_tokens(tail) == ["."]
+    assert tokenizer.decode(kept + tail) == "The answer is."
 
 
 def test_recorded_tokens_that_are_not_the_text_plus_a_stop_string_stop_training(tmp_path):

@@ -284,7 +284,8 @@ def test_more_logprobs_than_a_launched_server_returns_is_refused_before_it_start
     path.write_text(LAUNCHED % "" + extra)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
-    path.write_text(LAUNCHED % ', extra_args: ["--max-logprobs", "64"]' + extra)
-    load_recipe(path)
+    for allowed in ('"--max-logprobs", "64"', '"--max_logprobs=64"', '"--max-logprobs", "-1"'):  # -1: no limit
+        path.write_text(LAUNCHED % f", extra_args: [{allowed}]" + extra)
+        load_recipe(path)
     path.write_text(LAUNCHED.replace("  launch: {model_path: smollm2-135m%s}\n", "") + extra)
     load_recipe(path)  # a server the run does not start: its limit is its own (a 400 names it)

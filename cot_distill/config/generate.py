@@ -42,8 +42,11 @@ class LaunchSection(Strict):
     # not one --data-parallel-size N server). port, when set, is the first replica's; the others count up.
     replicas: int = Field(default=1, ge=1)
 
-    def max_logprobs(self) -> int:
-        return flag_value(self.extra_args, "--max-logprobs", VLLM_DEFAULT_MAX_LOGPROBS)
+    def max_logprobs(self) -> float:
+        """The launched server's --max-logprobs (vLLM takes --max_logprobs too; -1 means no limit)."""
+        value = flag_value(self.extra_args, "--max-logprobs",
+                           flag_value(self.extra_args, "--max_logprobs", VLLM_DEFAULT_MAX_LOGPROBS))
+        return float("inf") if value < 0 else value
 
 
 class TeacherSection(Strict):

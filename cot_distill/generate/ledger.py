@@ -76,26 +76,31 @@ def scan_ledger(samples_path: Path, identity: dict[str, Any], template_hash: str
     return scan
 
 
+LOST_SAMPLES_FILE = "samples.lost.jsonl"  # ledger rows whose logprob records were lost, kept aside
+
+
 def drop_samples_whose_records_were_lost(samples_path: Path, store_path: Path, link_end: int) -> int:
     """Each logprob record reaches the OS before the ledger row that links it, so kill -9 never parts them; a power
     loss or a node crash can: the OS may have put the ledger's newer pages on disk and not the store's. The store's
     repair then cuts the lost records off, and their rows would link past its end (or, once new records are
-    appended there, to another sample's). Such rows are taken out of the ledger (rewritten whole, then swapped in),
-    so their requests are sent again. `link_end`: LedgerScan.link_end; nothing is read when the store reaches it.
-    Returns how many rows were taken out."""
+    appended there, to another sample's). Such rows are moved out of the ledger into samples.lost.jsonl (the ledger
+    rewritten, then swapped in), so their requests are sent again. `link_end`: LedgerScan.link_end; nothing is read
+    when the store reaches it. A missing store is left alone: that is a store deleted or not copied, not a crash,
+    and re-requesting every sample would spend the whole job's teacher time again. Returns how many rows moved."""
+    if not store_path.exists():
+        return 0
     repair_store(store_path)
-    size = store_path.stat().st_size if store_path.exists() else 0
+    size = store_path.stat().st_size
     if link_end <= size:
         return 0
     kept_path, dropped = samples_path.with_name(samples_path.name + ".rewrite"), 0
     kept_path.unlink(missing_ok=True)
-    with JsonlWriter(kept_path) as kept:
+    with JsonlWriter(kept_path) as kept, JsonlWriter(samples_path.with_name(LOST_SAMPLES_FILE)) as lost:
         for _, obj in iter_jsonl(samples_path):
             link = obj.get("logprobs")
-            if link and int(link["offset"]) + int(link["bytes"]) > size:
-                dropped += 1
-            else:
-                kept.write(obj)
+            lost_record = link and int(link["offset"]) + int(link["bytes"]) > size
+            (lost if lost_record else kept).write(obj)
+            dropped += bool(lost_record)
     os.replace(kept_path, samples_path)
     return dropped
 

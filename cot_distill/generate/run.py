@@ -29,6 +29,7 @@ from cot_distill.errors import UserError
 from cot_distill.generate.budget import Budget
 from cot_distill.generate.ledger import (
     FAILURES_FILE,
+    LOST_SAMPLES_FILE,
     SAMPLES_FILE,
     STATS_FILE,
     LedgerScan,
@@ -146,10 +147,10 @@ def generate_samples(prompts: Sequence[Prompt] | PromptStream, teacher: TeacherS
     total = len(requests)
     params_by_index = [params_for(gen.sampling, index, gen.logprobs) for index in range(gen.samples_per_prompt)]
     scan = scan_ledger(samples_path, identity, template.hash, params_by_index, teacher.name)
-    lost = drop_samples_whose_records_were_lost(samples_path, out_dir / LOGPROBS_FILE, scan.link_end)
+    lost = gen.logprobs and drop_samples_whose_records_were_lost(samples_path, out_dir / LOGPROBS_FILE, scan.link_end)
     if lost:
         print(f"[generate] {lost} samples lost their logprob records (the machine went down before the OS wrote "
-              f"them): taken out of the ledger, they are requested again", file=sys.stderr)
+              f"them): moved to {LOST_SAMPLES_FILE}, they are requested again", file=sys.stderr)
         scan = scan_ledger(samples_path, identity, template.hash, params_by_index, teacher.name)
     ledger = scan.keys  # every teacher's keys: another teacher's never match this one's requests
     say_what_other_weights_made(samples_path, identity, scan)

@@ -6,11 +6,12 @@ mode; the default where there is an accelerator and vLLM) or with transformers (
 - A local teacher (on_policy.teacher, the student's vocabulary): TRL's own loss, the generalized JSD with
   on_policy.beta (0: forward KL, 1: reverse KL), both distributions at on_policy.temperature, chunked over the
   vocabulary.
-- A served teacher (on_policy.served): OnPolicyTrainer with a ServedTeacherScorer scores the student's sampled tokens through the
-  endpoint's /v1/completions with `prompt_logprobs: K` on prompt + completion (vLLM's raw log-probabilities:
-  temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned: the KL term of
-  kd.teacher: recorded, alone (no CE, no tau^2, as TRL's own loss), so any teacher size works. TRL's experimental ServerDistillationTrainer handles reverse
-  KL only at top-1 and needs TRL's own server; this needs any vLLM OpenAI server.
+- A served teacher (on_policy.served): OnPolicyTrainer with a ServedTeacherScorer scores the student's sampled
+  tokens through the endpoint's /v1/completions with `prompt_logprobs: K` on prompt + completion (vLLM's raw
+  log-probabilities: temperature 1), and the loss is cot_distill.kd's sparse KL over the ids the server returned:
+  the KL term of kd.teacher: recorded, alone (no CE, no tau^2, as TRL's own loss), so any teacher size works. TRL's
+  experimental ServerDistillationTrainer handles reverse KL only at top-1 and needs TRL's own server; this needs any
+  vLLM OpenAI server.
 - on_policy.share: the fraction of batches the student generates; the others train on the dataset's own trace
   (off-policy, GKD's lmbda), which TRL 1.16's DistillationTrainer no longer offers.
 """
@@ -81,17 +82,24 @@ class ServedTeacherScorer:
         try:
             with urllib.request.urlopen(request, timeout=self.served.timeout_s) as response:
                 served_ids = json.loads(response.read())["tokens"]
-        except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
-            logger.warning("on_policy.served: could not compare the teacher's tokenizer with the student's through "
-                           "%s/tokenize (%s); the teacher must share the student's tokenizer", root, error)
+        except urllib.error.HTTPError as error:
+            if error.code != 404:  # a wrong key, a server still starting: scoring would fail the same way
+                raise TrainError(f"on_policy.served: the teacher at {root} refused /tokenize: HTTP {error.code}: "
+                                 f"{error.read()[:300].decode('utf-8', 'replace')}") from None
+            logger.warning("on_policy.served: %s has no /tokenize, so the teacher's tokenizer is not compared with "
+                           "the student's; the teacher must share the student's tokenizer", root)
             return
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
+            raise TrainError(f"on_policy.served: the teacher at {root} did not answer /tokenize: "
+                             f"{type(error).__name__}: {error}") from None
         student_ids = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
         if served_ids != student_ids:
             at = next((i for i, (a, b) in enumerate(zip(served_ids, student_ids)) if a != b),
                       min(len(served_ids), len(student_ids)))
             raise TrainError(f"on_policy.served: the teacher at {self.served.base_url} splits text into other token "
-                             f"ids than the student's tokenizer (first difference at token {at}: {served_ids[at:at + 4]} "
-                             f"vs {student_ids[at:at + 4]}); the served teacher must share the student's tokenizer")
+                             f"ids than the student's tokenizer (first difference at token {at}: "
+                             f"{served_ids[at:at + 4]} vs {student_ids[at:at + 4]}); the served teacher must share "
+                             f"the student's tokenizer")
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence, (ids, logprobs) arrays of shape (len(completion), K + 1), -inf where padded."""
@@ -245,8 +253,9 @@ def stop_with_trained_tokens(generation, stop_ids: list[int]) -> None:
     folder's generation_config alone: a base student whose file names only <|endoftext|> would sample past every
     <|im_end|> to max_completion_length and be trained on that tail. TRL's transformers sampling already stops on
     these ids; sft.generation_kwargs' own stop_token_ids are kept."""
-    kwargs = generation.generation_kwargs
-    kwargs["stop_token_ids"] = list(dict.fromkeys([*(kwargs.get("stop_token_ids") or []), *stop_ids]))
+    kwargs = generation.generation_kwargs  # TRL's args.generation_kwargs itself: copied, not changed
+    own = kwargs.get("stop_token_ids") or []
+    generation.generation_kwargs = {**kwargs, "stop_token_ids": list(dict.fromkeys([*own, *stop_ids]))}
 
 
 def reload_in_kernel_layout(generation) -> None:

@@ -101,11 +101,20 @@ def cut_at_stop_string(tokenizer, token_ids: list[int], decoded: str,
         prefix = tokenizer.decode(kept, skip_special_tokens=True)
         if not reply.startswith(prefix):
             continue
-        rest = reply[len(prefix):]
-        tail = tokenizer.encode(rest, add_special_tokens=False) if rest else []
+        return (kept, []) if prefix == reply else reply_tail(tokenizer, kept, reply, prefix)
+    return None
+
+
+def reply_tail(tokenizer, kept: list[int], reply: str, prefix: str) -> tuple[list[int], list[int]] | None:
+    """The tokens of the reply's text after `prefix` (what `kept` decodes to): the whole reply's tokenization past
+    `kept` where it begins with `kept`; else the rest tokenized alone, which a SentencePiece tokenizer would start
+    with a word-boundary marker (encode(".") is "▁", "."), so only when the result decodes to the reply."""
+    whole = tokenizer.encode(reply, add_special_tokens=False)
+    candidates = [whole[len(kept):]] if whole[:len(kept)] == kept else []
+    candidates.append(tokenizer.encode(reply[len(prefix):], add_special_tokens=False))
+    for tail in candidates:
         if tokenizer.decode(kept + tail, skip_special_tokens=True) == reply:
             return kept, tail
-        return None
     return None
 
 
