@@ -158,6 +158,15 @@ def test_logprobs_go_into_the_body_and_the_key_only_when_set():
     assert "top_logprobs" not in build_request_body("m", [], plain)
 
 
+def recorded_row(tmp_path, ids: list[int], topk: np.ndarray, logprobs: np.ndarray, reply_text: str,
+                 prompt_id: str = "p") -> dict:
+    """A curated row whose reply is `reply_text`, linked to a record of `ids` with their top-K."""
+    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
+        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk, logprobs))
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply_text}],
+            "prompt_id": prompt_id, "teacher_logprobs": {**link, "request_key": KEY_A}}
+
+
 def test_a_stop_string_token_is_dropped_and_its_position_scores_ce_only(tmp_path):
     """vLLM's text ends before a stop string while the record holds the token that completed it: the reply trains
     on the tokens before it, then the end-of-turn token, whose position has no teacher row (all -inf)."""
@@ -175,10 +184,7 @@ def test_a_stop_string_token_is_dropped_and_its_position_scores_ce_only(tmp_path
     topk = np.tile(np.arange(k, dtype=np.int32), (len(ids), 1))
     topk[:, 0] = ids
     logprobs = np.tile(np.log(np.array([0.7, 0.1, 0.1, 0.1], dtype=np.float32)), (len(ids), 1))
-    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
-        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk, logprobs))
-    row = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": text}],
-           "prompt_id": "p", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    row = recorded_row(tmp_path, ids, topk, logprobs, text)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     reply, columns = recorded_reply(tokenizer, row, 0, end_of_turn, len(tokenizer))
     assert reply == [*ids[:-1], end_of_turn] and columns["teacher_tokens"] == len(ids) - 1
@@ -221,10 +227,7 @@ def test_a_stop_string_of_several_tokens_is_cut_and_the_reply_keeps_its_text(tmp
     k = 2
     topk = np.stack([np.asarray(ids, np.int32), np.zeros(len(ids), np.int32)], axis=1)
     logprobs = np.tile(np.log(np.array([0.9, 0.1], dtype=np.float32)), (len(ids), 1))
-    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
-        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk, logprobs))
-    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": served_text}],
-           "prompt_id": "p", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    row = recorded_row(tmp_path, ids, topk, logprobs, served_text)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     reply, columns = recorded_reply(tokenizer, row, 0, end_of_turn, len(tokenizer))
     kept = columns["teacher_tokens"]
@@ -266,12 +269,8 @@ def test_recorded_tokens_that_are_not_the_text_plus_a_stop_string_stop_training(
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     ids = tokenizer("The answer is 6.</answer>", add_special_tokens=False)["input_ids"]
-    topk = np.asarray(ids, np.int32)[:, None]
-    with LogprobWriter(tmp_path / "logprobs.bin") as writer:
-        link = writer.append(KEY_A, TokenLogprobs(np.asarray(ids, np.int32), topk,
-                                                  np.zeros((len(ids), 1), np.float32)))
-    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 5."}],
-           "prompt_id": "p7", "teacher_logprobs": {**link, "request_key": KEY_A}}
+    row = recorded_row(tmp_path, ids, np.asarray(ids, np.int32)[:, None], np.zeros((len(ids), 1), np.float32),
+                       "The answer is 5.", prompt_id="p7")
     with pytest.raises(TrainError, match="row 3 .prompt p7.*first difference at char 14"):
         recorded_reply(tokenizer, row, 3, tokenizer.convert_tokens_to_ids("<|im_end|>"), len(tokenizer))
 
