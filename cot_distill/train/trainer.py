@@ -27,11 +27,16 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
+def logit_transforms(model) -> list[str]:
+    """The config keys by which `model` scales or caps its logits (empty for Qwen and Llama)."""
+    text_config = model.config.get_text_config()
+    return [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
+
+
 def refuse_logit_transforms(model, name: str, method: str) -> None:
     """The chunked distillation heads (kd.py) project hidden states themselves and would skip a model's own logit
     scaling or soft-capping (Gemma-2, Granite, Falcon-H1...): the distribution trained would not be the model's."""
-    text_config = model.config.get_text_config()
-    transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) is not None]
+    transforms = logit_transforms(model)
     if transforms:
         raise TrainError(f"{method} does not support a {name} whose config scales its logits ({transforms})")
 
@@ -81,9 +86,7 @@ class DistillSFTTrainer(SFTTrainer):
         self.recorded = kd is not None and kd.recorded
         super().__init__(*args, **kwargs)
         self.token_metrics = token_metrics
-        text_config = self.model.config.get_text_config()
-        scales_logits = any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS)
-        self.loss_head = "fused" if scales_logits else loss_head  # TRL's kernel applies those transforms
+        self.loss_head = "fused" if logit_transforms(self.model) else loss_head  # TRL's kernel applies them
         # `teacher`: one model, or a list whose mixture (weights from kd.teacher_models()) is the teacher
         self.teachers, self.kd = [], kd
         for model in ([] if teacher is None else teacher if isinstance(teacher, (list, tuple)) else [teacher]):
