@@ -46,3 +46,17 @@ def test_two_cpu_processes_train_and_write_one_checkpoint(tmp_path):
     assert manifest["world_size"] == 2 and manifest["counts"]["global_step"] == 4
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == 1.0  # 2 ranks x 2 rows x 4 steps = all 16 rows once
+
+
+def test_each_rank_leaves_its_process_group_before_exit(tmp_path):
+    """A gloo group left to the interpreter's teardown can abort a rank that finished training (a CI run failed so)."""
+    import torch.distributed
+
+    from cot_distill.train import leave_process_group
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    leave_process_group()
+    assert not torch.distributed.is_initialized()
+    leave_process_group()  # no group: nothing to do

@@ -234,7 +234,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_train_section(argv[0])
     run_train(cfg, recipe_snapshot={"train": cfg.model_dump(mode="json")})
+    leave_process_group()
     print(f"cot_distill.train: rank {os.environ.get('RANK', '0')} done", flush=True)  # launchers' logs show each rank
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`, destroy this rank's process group before the interpreter exits. Left to exit, a
+    gloo group's worker threads can outlive Python's teardown and abort the rank ("terminate called without an active
+    exception", SIGABRT, pytorch/pytorch#190489): a 2-rank CI run finished training and still failed that way.
+    Called by the per-rank entry points only: a process that trains again (a chain) keeps its group."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run(recipe: Recipe, *, slot=None) -> Path:
