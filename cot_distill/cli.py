@@ -116,7 +116,6 @@ def train(
     if merge:
         loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"merge": True})})
     output = _run_stage(lambda: stage.run(loaded))
-    stage.leave_process_group()  # each rank of `accelerate launch -m cot_distill.cli train` exits cleanly
     typer.echo(f"-> {output}")
 
 

@@ -48,15 +48,22 @@ def test_two_cpu_processes_train_and_write_one_checkpoint(tmp_path):
     assert state["global_step"] == 4 and state["epoch"] == 1.0  # 2 ranks x 2 rows x 4 steps = all 16 rows once
 
 
-def test_each_rank_leaves_its_process_group_before_exit(tmp_path):
-    """A gloo group left to the interpreter's teardown can abort a rank that finished training (a CI run failed so)."""
-    import torch.distributed
 
-    from cot_distill.train import leave_process_group
-
-    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    assert torch.distributed.is_initialized()
-    leave_process_group()
-    assert not torch.distributed.is_initialized()
-    leave_process_group()  # no group: nothing to do
+def test_a_process_that_trained_leaves_its_process_group_at_exit(tmp_path):
+    """A gloo group left to the interpreter's teardown can abort a rank that finished training (a CI run failed so):
+    run_train registers leave_process_group with atexit. Checked by an exit handler registered before it, which
+    atexit runs after it."""
+    script = f"""
+import atexit
+import torch.distributed
+atexit.register(lambda: print("group at exit:", torch.distributed.is_initialized(), flush=True))
+from cot_distill.train.run import leave_process_group_at_exit
+leave_process_group_at_exit()
+leave_process_group_at_exit()  # once per process
+store = torch.distributed.FileStore({str(tmp_path / "store")!r}, 1)
+torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+print("group in training:", torch.distributed.is_initialized(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["group in training: True", "group at exit: False"], done.stdout

@@ -10,6 +10,7 @@ uniform stage entry.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -65,6 +66,24 @@ def _output_files(folder: Path) -> list[str]:
                   and not p.relative_to(folder).parts[0].startswith(("checkpoint-", "student_init", STALE_CHECKPOINTS)))
 
 
+def leave_process_group() -> None:
+    """Destroy this process's torch.distributed group, if it has one (`accelerate launch`'s ranks; vLLM colocated
+    in-process)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@functools.cache  # once per process, however many students it trains (a chain)
+def leave_process_group_at_exit() -> None:
+    """Destroy the process group at exit, while Python is still whole. Left to the interpreter's teardown, a gloo
+    group's worker threads can outlive it and abort a rank that finished training ("terminate called without an
+    active exception", SIGABRT, pytorch/pytorch#190489): a 2-rank CI run failed so. atexit runs last what was
+    registered first, so vLLM's and accelerate's own exit handlers, registered later, still find the group."""
+    atexit.register(leave_process_group)
+
+
 def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: list | None = None) -> Path:
     """Train cfg's student on cfg.dataset; returns OUTPUT_DIR, which holds the model (or adapter, and with merge a
     merged model in OUTPUT_DIR/merged) and, written last, manifest.json. `callbacks`: extra transformers
@@ -75,6 +94,7 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         raise TrainError(f"training data {cfg.dataset} does not exist: run `cot-distill curate` first, or set "
                          f"train.dataset")
     output_dir = Path(cfg.output_dir)
+    leave_process_group_at_exit()  # before the config: TRL's config (accelerate) starts the process group
     sft_args = build_distillation_config(cfg) if cfg.method == "on_policy" else build_sft_config(cfg)
     is_main = sft_args.process_index == 0
     if wants_allocator_tuning(cfg) and sft_args.use_cpu:
@@ -234,19 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_train_section(argv[0])
     run_train(cfg, recipe_snapshot={"train": cfg.model_dump(mode="json")})
-    leave_process_group()
     print(f"cot_distill.train: rank {os.environ.get('RANK', '0')} done", flush=True)  # launchers' logs show each rank
-
-
-def leave_process_group() -> None:
-    """Under `accelerate launch`, destroy this rank's process group before the interpreter exits. Left to exit, a
-    gloo group's worker threads can outlive Python's teardown and abort the rank ("terminate called without an active
-    exception", SIGABRT, pytorch/pytorch#190489): a 2-rank CI run finished training and still failed that way.
-    Called by the per-rank entry points only: a process that trains again (a chain) keeps its group."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def run(recipe: Recipe, *, slot=None) -> Path:
