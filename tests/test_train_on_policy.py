@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def test_on_policy_with_a_local_teacher_trains_and_mixes_dataset_batches(tmp_pat
     teacher = make_tiny_student(tmp_path / "teacher", layers=3, seed=1)
     student = make_tiny_student(tmp_path / "student", seed=2)
     dataset = write_toy_dataset(tmp_path / "rows.jsonl")
-    cfg = section(tmp_path, dataset, student, {"teacher": str(teacher), "beta": 0.5, "share": 0.5}, max_steps=8)
+    cfg = section(tmp_path, dataset, student, {"teacher": str(teacher), "beta": 0.5, "share": 0.5}, max_steps=8,
+                  save_strategy="steps", save_steps=4)
     logs = Logs()
     output = T.run_train(cfg, {"train": cfg.model_dump(mode="json")}, callbacks=[logs])
     manifest = read_manifest(output)
@@ -50,6 +52,14 @@ def test_on_policy_with_a_local_teacher_trains_and_mixes_dataset_batches(tmp_pat
     shares = [row["on_policy"] for row in logs.rows]
     assert set(shares) == {0.0, 1.0}, shares  # share 0.5: some batches generated, some from the dataset
     assert (output / "model.safetensors").exists()
+
+    # Resumed from step 4, the run tosses the coins the uninterrupted run tossed at steps 5-8 (not steps 1-4 again).
+    assert shares[4:] != shares[:4], shares  # else the check below could not tell the two apart
+    shutil.rmtree(output / "checkpoint-8")
+    resumed = Logs()
+    T.run_train(cfg, {"train": cfg.model_dump(mode="json")}, callbacks=[resumed])
+    assert read_manifest(output)["resumed_from"].endswith("checkpoint-4")
+    assert [row["on_policy"] for row in resumed.rows] == shares[4:]
 
 
 def test_on_policy_refuses_sft_only_settings(tmp_path):

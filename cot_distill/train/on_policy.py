@@ -173,12 +173,23 @@ class OnPolicyTrainer(DistillationTrainer):
         colocated = generation is not None and generation.mode == "colocate"
         if colocated and is_vllm_cpu():  # elsewhere TRL's own sync, as TRL tests it
             reload_in_kernel_layout(self.vllm_generation)
-        self._share_rng = random.Random(self.args.seed)
+        self._coin_step, self._coin_draw = None, 0
         self._dataset_completions: list[list[int]] | None = None
 
+    def _toss(self, mode: str) -> float:
+        """The on/off-policy coin, drawn from (seed, mode, step, draw within the step) rather than a running RNG: a
+        run resumed from a checkpoint tosses what the uninterrupted run would have at the same step (a running RNG
+        would start again from the seed), and every DDP rank tosses alike. Training draws once per step (TRL
+        generates once per optimizer step)."""
+        step = (mode, self.state.global_step)
+        self._coin_draw = self._coin_draw + 1 if step == self._coin_step else 0
+        self._coin_step = step
+        return random.Random(f"{self.args.seed}:{mode}:{step[1]}:{self._coin_draw}").random()
+
     def _generate_and_score_completions(self, inputs):
-        on_policy = self.share >= 1.0 or self._share_rng.random() < self.share
-        self._metrics["train" if self.model.training else "eval"]["on_policy"].append(float(on_policy))
+        mode = "train" if self.model.training else "eval"
+        on_policy = self.share >= 1.0 or self._toss(mode) < self.share
+        self._metrics[mode]["on_policy"].append(float(on_policy))
         self._dataset_completions = None if on_policy else [list(row["completion_ids"]) for row in inputs]
         try:
             return super()._generate_and_score_completions(inputs)
