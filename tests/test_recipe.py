@@ -278,6 +278,12 @@ data:
                                    "starts returns at most 20"),
     ("train: {output_dir: o, student: s, method: on_policy, on_policy: {served: {top_k: 32}}}\n",
      'train.on_policy.served.top_k: 32 .* add "--max-logprobs", "32" to teacher.launch.extra_args'),
+    ("train: {output_dir: o, student: s}\n"  # each student the run trains, not only the main one
+     "ablations: {op: {output_dir: o2, method: on_policy, on_policy: {served: {top_k: 32}}}}\n",
+     "ablations.op.on_policy.served.top_k: 32"),
+    ("train: {output_dir: o, student: s}\n"  # served from the stage before, launched with teacher.launch
+     "chain: {stages: [{name: a}, {name: b, train: {method: on_policy, on_policy: {served: {top_k: 32}}}}]}\n",
+     "chain.stages.1.train.on_policy.served.top_k: 32"),
 ])
 def test_more_logprobs_than_a_launched_server_returns_is_refused_before_it_starts(tmp_path, extra, message):
     path = tmp_path / "r.yaml"

@@ -101,21 +101,6 @@ class Recipe(Strict):
             raise ValueError(f"{where}: no teacher named {', '.join(map(repr, unknown))} (teachers: {names})")
         return self
 
-    @model_validator(mode="after")
-    def _launched_servers_return_enough_logprobs(self) -> "Recipe":
-        """A vLLM server returns at most --max-logprobs (20 unless set) per position: a launched server asked for
-        more would fail every request with a 400, and only once it had started."""
-        for index, (teacher, generate) in enumerate(self.teacher_jobs()):
-            if generate.logprobs and teacher.launch and generate.logprobs > teacher.launch.max_logprobs():
-                where = f"teachers.{index}" if self.teachers else "teacher"
-                raise ValueError(too_many_logprobs("generate.logprobs", generate.logprobs, where, teacher.launch))
-        on_policy = self.train.on_policy if self.train is not None and self.train.method == "on_policy" else None
-        served = on_policy.served if on_policy is not None else None
-        launch = self.teacher.launch
-        if served is not None and served.base_url is None and launch and served.top_k > launch.max_logprobs():
-            raise ValueError(too_many_logprobs("train.on_policy.served.top_k", served.top_k, "teacher", launch))
-        return self
-
     def teacher_jobs(self) -> list[tuple[TeacherSection, GenerateSection]]:
         """What generate runs, in order: each teacher with its generate settings (its own where it sets them)."""
         if not self.teachers:
@@ -126,22 +111,49 @@ class Recipe(Strict):
     def _ablations_are_trainable(self) -> "Recipe":
         if (self.ablations or self.chain) and self.train is None:
             raise ValueError("ablations and chain vary the train section: add one")
-        output_dirs = [] if self.chain else [self.train.output_dir] if self.train else []
-        variants = {f"ablations.{name}": lambda name=name: self.ablation_train(name) for name in self.ablations}
         for name in self.ablations:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"ablations.{name}: use letters, digits, '_' and '-' (it names an eval folder)")
-        if self.chain:
-            variants.update({f"chain.stages.{index}": lambda index=index: self.chain_train(index)
-                             for index in range(len(self.chain.stages))})
-            if self.chain.compare_direct:
-                variants["chain.compare_direct"] = self.direct_train
-        for where, variant in variants.items():
-            output_dir = variant().output_dir  # raises with the offending key
-            if output_dir in output_dirs:
-                raise ValueError(f"{where}.output_dir: set one of its own (it would overwrite {output_dir})")
-            output_dirs.append(output_dir)
+        output_dirs: list[str] = []
+        for where, train in self.trained_sections().items():
+            if train.output_dir in output_dirs:
+                raise ValueError(f"{where}.output_dir: set one of its own (it would overwrite {train.output_dir})")
+            output_dirs.append(train.output_dir)
         return self
+
+    @model_validator(mode="after")
+    def _launched_servers_return_enough_logprobs(self) -> "Recipe":
+        """A vLLM server returns at most --max-logprobs (20 unless set) per position: a launched server asked for
+        more would fail every request with a 400, and only once it had started."""
+        for index, (teacher, generate) in enumerate(self.teacher_jobs()):
+            if generate.logprobs and teacher.launch and generate.logprobs > teacher.launch.max_logprobs():
+                where = f"teachers.{index}" if self.teachers else "teacher"
+                raise ValueError(too_many_logprobs("generate.logprobs", generate.logprobs, where, teacher.launch))
+        # An on_policy student's served teacher, unless it names a base_url, is launched with teacher.launch: the
+        # recipe's teacher, or for a chain stage after the first the stage before it (pipeline.students).
+        launch = self.teacher.launch
+        for where, train in self.trained_sections().items():
+            served = train.on_policy.served if train.method == "on_policy" else None
+            if served is not None and served.base_url is None and launch and served.top_k > launch.max_logprobs():
+                raise ValueError(too_many_logprobs(f"{where}.on_policy.served.top_k", served.top_k, "teacher",
+                                                   launch))
+        return self
+
+    def trained_sections(self) -> dict[str, TrainSection]:
+        """Where in the recipe -> each train section a run trains, in training order: `train` (with a chain, each
+        stage's instead, then chain.compare_direct's), then each ablation's. Building one raises with the offending
+        key."""
+        if self.train is None:
+            return {}
+        if self.chain is None:
+            sections = {"train": self.train}
+        else:
+            sections = {f"chain.stages.{index}.train": self.chain_train(index)
+                        for index in range(len(self.chain.stages))}
+            if self.chain.compare_direct:
+                sections["chain.compare_direct"] = self.direct_train()
+        sections.update({f"ablations.{name}": self.ablation_train(name) for name in self.ablations})
+        return sections
 
     def ablation_train(self, name: str) -> TrainSection:
         """The train section of ablation `name`: the main one with the ablation's keys replaced."""

@@ -20,17 +20,13 @@ class PipelineError(UserError, RuntimeError):
 
 
 def trained_students(recipe: Recipe) -> dict[str, TrainSection]:
-    """label -> train section, in training order: the main student (with a chain: each stage, the last as the main
-    student, then the direct baseline), then each ablation."""
-    if recipe.train is None:
-        return {}
-    ablations = {f"student_{name}": recipe.ablation_train(name) for name in recipe.ablations}
-    if recipe.chain is None:
-        return {AFTER: recipe.train, **ablations}
-    labels = chain_labels(recipe)
-    chain = {label: recipe.chain_train(index) for index, label in enumerate(labels)}
-    direct = {DIRECT: recipe.direct_train()} if recipe.chain.compare_direct else {}
-    return {**chain, **direct, **ablations}
+    """label -> train section, in training order (Recipe.trained_sections): the main student (with a chain: each
+    stage, the last as the main student, then the direct baseline), then each ablation."""
+    labels = {"train": AFTER, "chain.compare_direct": DIRECT}
+    labels.update({f"ablations.{name}": f"student_{name}" for name in recipe.ablations})
+    if recipe.chain is not None:
+        labels.update({f"chain.stages.{index}.train": label for index, label in enumerate(chain_labels(recipe))})
+    return {labels[where]: train for where, train in recipe.trained_sections().items()}
 
 
 def chain_labels(recipe: Recipe) -> list[str]:
