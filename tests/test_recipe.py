@@ -294,4 +294,8 @@ def test_more_logprobs_than_a_launched_server_returns_is_refused_before_it_start
         path.write_text(LAUNCHED % f", extra_args: [{allowed}]" + extra)
         load_recipe(path)
     path.write_text(LAUNCHED.replace("  launch: {model_path: smollm2-135m%s}\n", "") + extra)
-    load_recipe(path)  # a server the run does not start: its limit is its own (a 400 names it)
+    if "chain" not in extra:
+        load_recipe(path)  # a server the run does not start: its limit is its own (a 400 names it)
+    else:  # the run starts the stage before it always, with vLLM's defaults when the teacher has no launch settings
+        with pytest.raises(RecipeError, match="stage before it is served by a vLLM that returns at most 20"):
+            load_recipe(path)

@@ -19,6 +19,7 @@ from cot_distill.config.curate import CurateSection
 from cot_distill.config.eval import EvalSection
 from cot_distill.config.generate import (
     TEACHER_GENERATE_KEYS,
+    VLLM_DEFAULT_MAX_LOGPROBS,
     DataSection,
     GenerateSection,
     LaunchSection,
@@ -129,14 +130,23 @@ class Recipe(Strict):
             if generate.logprobs and teacher.launch and generate.logprobs > teacher.launch.max_logprobs():
                 where = f"teachers.{index}" if self.teachers else "teacher"
                 raise ValueError(too_many_logprobs("generate.logprobs", generate.logprobs, where, teacher.launch))
-        # An on_policy student's served teacher, unless it names a base_url, is launched with teacher.launch: the
-        # recipe's teacher, or for a chain stage after the first the stage before it (pipeline.students).
+        # An on_policy student's served teacher, unless it names a base_url, is the recipe's teacher, launched with
+        # teacher.launch when it has one; for a chain stage after the first it is the stage before it, launched
+        # always: with teacher.launch's settings, or vLLM's defaults (pipeline.students.served_like_teacher).
         launch = self.teacher.launch
         for where, train in self.trained_sections().items():
             served = train.on_policy.served if train.method == "on_policy" else None
-            if served is not None and served.base_url is None and launch and served.top_k > launch.max_logprobs():
-                raise ValueError(too_many_logprobs(f"{where}.on_policy.served.top_k", served.top_k, "teacher",
-                                                   launch))
+            if served is None or served.base_url is not None:
+                continue
+            key = f"{where}.on_policy.served.top_k"
+            if launch is not None and served.top_k > launch.max_logprobs():
+                raise ValueError(too_many_logprobs(key, served.top_k, "teacher", launch))
+            later_stage = re.fullmatch(r"chain\.stages\.[1-9]\d*\.train", where)
+            if launch is None and later_stage and served.top_k > VLLM_DEFAULT_MAX_LOGPROBS:
+                raise ValueError(f"{key}: {served.top_k} log-probabilities per token, and the stage before it is "
+                                 f"served by a vLLM that returns at most {VLLM_DEFAULT_MAX_LOGPROBS} (its default "
+                                 f"--max-logprobs; the teacher has no launch settings to raise it): lower top_k to "
+                                 f"{VLLM_DEFAULT_MAX_LOGPROBS}")
         return self
 
     def trained_sections(self) -> dict[str, TrainSection]:
