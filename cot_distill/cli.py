@@ -117,6 +117,7 @@ def train(
         loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"merge": True})})
     output = _run_stage(lambda: stage.run(loaded))
     typer.echo(f"-> {output}")
+    stage.finish_rank()  # a rank of `accelerate launch -m cot_distill.cli train` exits here
 
 
 @app.command()

@@ -48,22 +48,34 @@ def test_two_cpu_processes_train_and_write_one_checkpoint(tmp_path):
     assert state["global_step"] == 4 and state["epoch"] == 1.0  # 2 ranks x 2 rows x 4 steps = all 16 rows once
 
 
-
-def test_a_process_that_trained_leaves_its_process_group_at_exit(tmp_path):
-    """A gloo group left to the interpreter's teardown can abort a rank that finished training (a CI run failed so):
-    run_train registers leave_process_group with atexit. Checked by an exit handler registered before it, which
-    atexit runs after it."""
-    script = f"""
-import atexit
-import torch.distributed
-atexit.register(lambda: print("group at exit:", torch.distributed.is_initialized(), flush=True))
-from cot_distill.train.run import leave_process_group_at_exit
-leave_process_group_at_exit()
-leave_process_group_at_exit()  # once per process
-store = torch.distributed.FileStore({str(tmp_path / "store")!r}, 1)
-torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-print("group in training:", torch.distributed.is_initialized(), flush=True)
+FINISH_A_RANK = """
+import atexit, sys
+import torch, torch.distributed
+from cot_distill.train import finish_rank
+atexit.register(lambda: print("interpreter teardown", flush=True))
+torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.randn(2, 4)).sum().backward()
+print("trained", end="")  # unflushed: finish_rank flushes it
+finish_rank()
+print(" and returned")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_a_rank_that_trained_exits_without_the_interpreters_teardown(tmp_path, monkeypatch):
+    """Once DDP wraps a model, gloo's threads outlive destroy_process_group, and the interpreter's teardown can then
+    abort a rank that finished training (a CI run failed so): finish_rank leaves the group, flushes and exits at
+    once. A process that is no rank of a launch (WORLD_SIZE unset or 1) returns and tears down as usual."""
+    from cot_distill.train import finish_rank
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", FINISH_A_RANK, str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["group in training: True", "group at exit: False"], done.stdout
+    assert done.stdout.splitlines() == ["trained"], done.stdout
+    for world_size in (None, "1"):
+        if world_size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world_size)
+        finish_rank()  # returns

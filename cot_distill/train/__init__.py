@@ -22,7 +22,7 @@ from cot_distill.train.masking import (
     resolve_chat_template,
     tokenize_conversations,
 )
-from cot_distill.train.run import load_train_section, main, run, run_train
+from cot_distill.train.run import finish_rank, load_train_section, main, run, run_train
 from cot_distill.train.setup import (
     INPUTS_FINGERPRINT,
     STALE_CHECKPOINTS,
@@ -62,9 +62,9 @@ __all__ = [
     "add_compact_lm_head", "build_sft_config", "build_student_from_teacher", "CHATML_TEMPLATE", "CHATML_TOKENS",
     "ChatTemplateError", "check_same_vocabulary", "checkpoint_changes", "checkpoint_dtype", "checkpoint_to_resume",
     "data_fingerprint", "DistillSFTTrainer", "encode_conversation", "ensure_chatml_tokens", "ensure_student_init",
-    "find_end_of_turn", "fingerprint_changes", "IGNORE", "init_student_from_teacher", "INPUTS_FINGERPRINT",
-    "inputs_fingerprint", "InputsFingerprintCallback", "load_conversations", "load_student", "load_teachers",
-    "load_train_section", "lora_config", "main", "merge_adapter", "move_stale_checkpoints",
+    "find_end_of_turn", "finish_rank", "fingerprint_changes", "IGNORE", "init_student_from_teacher",
+    "INPUTS_FINGERPRINT", "inputs_fingerprint", "InputsFingerprintCallback", "load_conversations", "load_student",
+    "load_teachers", "load_train_section", "lora_config", "main", "merge_adapter", "move_stale_checkpoints",
     "newest_complete_checkpoint", "normalize_messages", "on_accelerator", "prepare_student", "resolve_chat_template",
     "resolve_kept_layers", "run", "run_train", "set_stop_tokens", "STALE_CHECKPOINTS", "student_fingerprint",
     "student_init_dir", "tokenize_conversations", "TrainError", "tune_cpu_allocator", "wants_allocator_tuning"

@@ -10,7 +10,6 @@ uniform stage entry.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
@@ -66,22 +65,23 @@ def _output_files(folder: Path) -> list[str]:
                   and not p.relative_to(folder).parts[0].startswith(("checkpoint-", "student_init", STALE_CHECKPOINTS)))
 
 
-def leave_process_group() -> None:
-    """Destroy this process's torch.distributed group, if it has one (`accelerate launch`'s ranks; vLLM colocated
-    in-process)."""
+def finish_rank() -> None:
+    """End a rank of a multi-process launch (`accelerate launch`, WORLD_SIZE > 1) that has trained and written its
+    output: leave the process group, flush, and exit without the interpreter's teardown. Left to that teardown, the
+    gloo backend (kept alive by DDP's reducer even after destroy_process_group) can abort a rank that finished
+    training ("terminate called without an active exception", SIGABRT, pytorch/pytorch#190489; PR #179291, an
+    atexit fix in torch, was abandoned): a 2-rank CI run failed so after both ranks had trained. Every file is
+    written and closed by now (the manifest fsynced); a process that is no rank returns and exits as usual."""
     import torch.distributed
 
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-@functools.cache  # once per process, however many students it trains (a chain)
-def leave_process_group_at_exit() -> None:
-    """Destroy the process group at exit, while Python is still whole. Left to the interpreter's teardown, a gloo
-    group's worker threads can outlive it and abort a rank that finished training ("terminate called without an
-    active exception", SIGABRT, pytorch/pytorch#190489): a 2-rank CI run failed so. atexit runs last what was
-    registered first, so vLLM's and accelerate's own exit handlers, registered later, still find the group."""
-    atexit.register(leave_process_group)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: list | None = None) -> Path:
@@ -94,7 +94,6 @@ def run_train(cfg: TrainSection, recipe_snapshot: dict[str, Any], *, callbacks: 
         raise TrainError(f"training data {cfg.dataset} does not exist: run `cot-distill curate` first, or set "
                          f"train.dataset")
     output_dir = Path(cfg.output_dir)
-    leave_process_group_at_exit()  # before the config: TRL's config (accelerate) starts the process group
     sft_args = build_distillation_config(cfg) if cfg.method == "on_policy" else build_sft_config(cfg)
     is_main = sft_args.process_index == 0
     if wants_allocator_tuning(cfg) and sft_args.use_cpu:
@@ -255,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_train_section(argv[0])
     run_train(cfg, recipe_snapshot={"train": cfg.model_dump(mode="json")})
     print(f"cot_distill.train: rank {os.environ.get('RANK', '0')} done", flush=True)  # launchers' logs show each rank
+    finish_rank()
 
 
 def run(recipe: Recipe, *, slot=None) -> Path:
